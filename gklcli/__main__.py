@@ -1,0 +1,5 @@
+"""`python -m gklcli` is the same as the `gkl` console script."""
+
+from gklcli.cli import main
+
+main()

@@ -1,0 +1,350 @@
+"""KL, DKL, IKL and GKL losses (Cui et al.), computed in O(B·C) time and memory.
+
+Notation follows the GKL paper. For a pair of logit vectors, the *teacher* side o_m (clean logits in
+adversarial training, the frozen teacher in distillation) and the *student* side o_n (adversarial
+logits, the student), with Δm_jk = o_m^j − o_m^k and Δn_jk = o_n^j − o_n^k:
+
+    GKL = α/4 · Σ_jk w_jk (Δm_jk − Δn_jk)²  −  β · S(s_m)ᵀ · log s_n          (Eq. 13)
+           └──────────── wMSE ───────────┘     └── soft-label cross-entropy ──┘
+
+* α weights the wMSE term, β the soft-label cross-entropy, γ is the power on the weights and
+  τ (`ClassPrior.temperature`) the temperature of the class prior.
+* The weights are rank one, w_jk = v_j v_k with v = S(s̄_y)^γ (class-wise, row y of the prior) or
+  v = S(softmax(o_m / T2))^γ (sample-wise), so Σ_jk v_j v_k (d_j − d_k)² = 2·W·Σ_j v_j (d_j − d̄)²
+  with d = o_m − o_n, W = Σ_j v_j and d̄ = Σ_j v_j d_j / W. No B×C×C tensor is ever built.
+  (Centring on d̄ before squaring keeps fp32 exact where the expanded form cancels.)
+
+**The official code swaps the names α and β** (jiequancui/DKL, `dkl_loss` returns
+``beta * loss_mse + alpha * loss_sce``). Its ``--alpha`` is the paper's β (cross-entropy weight) and
+its ``--beta`` is the paper's α (wMSE weight): the official CIFAR-100 script's ``--alpha 4 --beta 20``
+is ``alpha=20, beta=4`` here. Its ``--T`` in adversarial training is the prior temperature τ, not the
+cross-entropy temperature (which stays 1).
+
+Normalisation of the wMSE term:
+
+* ``"weights"`` (GKL, the official v2 code): the batch sum divided by Σ_b Σ_jk w_bjk = Σ_b W_b².
+* ``"batch"`` (IKL, the NeurIPS conference version / official v1 code): the batch sum divided by B.
+  With γ = 1 and probability-vector weights both agree, because then W_b = 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+Normalization = Literal["weights", "batch"]
+
+
+class GKLTerms(NamedTuple):
+    """The two weighted components of a DKL/GKL loss, kept apart for logging."""
+
+    wmse: Tensor
+    ce: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        return self.wmse + self.ce
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp16/bf16 inputs are computed in fp32 (the losses sum C² terms); fp64 stays fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _promote(logits_student: Tensor, logits_teacher: Tensor) -> tuple[Tensor, Tensor]:
+    if logits_student.dim() != 2 or logits_student.shape != logits_teacher.shape:
+        raise ValueError(
+            "expected two logit tensors of the same shape (B, C), got "
+            f"{tuple(logits_student.shape)} and {tuple(logits_teacher.shape)}"
+        )
+    dtype = _compute_dtype(logits_student, logits_teacher)
+    return logits_student.to(dtype), logits_teacher.to(dtype)
+
+
+def kl_div(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Batch-mean KL(softmax(t/T) ‖ softmax(s/T)); gradients reach both inputs.
+
+    No T² factor: distillation methods that want Hinton's scaling multiply it themselves.
+    """
+    s, t = _promote(logits_student, logits_teacher)
+    log_q = F.log_softmax(s / temperature, dim=1)
+    log_p = F.log_softmax(t / temperature, dim=1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def soft_cross_entropy(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Batch-mean −S(softmax(t/T))ᵀ log softmax(s/T): the soft-label term; the target is detached."""
+    s, t = _promote(logits_student, logits_teacher)
+    target = F.softmax(t.detach() / temperature, dim=1)
+    return F.cross_entropy(s / temperature, target)
+
+
+def pair_weights(
+    logits_teacher: Tensor,
+    *,
+    gamma: float = 1.0,
+    targets: Tensor | None = None,
+    class_prior: Tensor | None = None,
+    weight_temperature: float = 1.0,
+) -> Tensor:
+    """The detached B×C vector v whose outer product v vᵀ weights the wMSE term (Eq. 12).
+
+    Class-wise when `class_prior` (C×C, row-normalised) is given: v = prior[targets]^γ.
+    Sample-wise otherwise: v = softmax(teacher / weight_temperature)^γ.
+    """
+    dtype = _compute_dtype(logits_teacher)
+    with torch.no_grad():
+        if class_prior is not None:
+            if targets is None:
+                raise ValueError("class-wise weights need `targets` to index the class prior")
+            if class_prior.dim() != 2 or class_prior.shape[0] != class_prior.shape[1]:
+                raise ValueError(f"class_prior must be C×C, got {tuple(class_prior.shape)}")
+            if class_prior.shape[1] != logits_teacher.shape[1]:
+                raise ValueError(
+                    f"class_prior has {class_prior.shape[1]} classes, the logits have {logits_teacher.shape[1]}"
+                )
+            v = class_prior.to(device=logits_teacher.device, dtype=dtype)[targets]
+        else:
+            v = F.softmax(logits_teacher.detach().to(dtype) / weight_temperature, dim=1)
+        if gamma != 1.0:
+            v = v.pow(gamma)
+    return v
+
+
+def _centred(s: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """W = Σ_j v_j and c = d − d̄ for d = t − s, the pieces of the closed form."""
+    d = t - s
+    w_sum = v.sum(dim=1)
+    d_bar = (v * d).sum(dim=1) / w_sum
+    return w_sum, d.sub_(d_bar.unsqueeze(1))
+
+
+class _PairwiseWMSE(torch.autograd.Function):
+    """Per-sample Σ_jk v_j v_k ((t_j − t_k) − (s_j − s_k))², forward and backward in O(B·C).
+
+    Saves only its inputs and recomputes the centred differences in backward, so its memory
+    footprint is that of the logits themselves. `student_grad=False` is the stop-gradient S(Δn) of
+    Theorem 1 (DKL); the weights v never receive gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor, v: Tensor, student_grad: bool) -> Tensor:
+        w_sum, c = _centred(s, t, v)
+        ctx.save_for_backward(s, t, v)
+        ctx.student_grad = student_grad
+        return 2.0 * w_sum * (v * c * c).sum(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        s, t, v = ctx.saved_tensors
+        want_s = ctx.needs_input_grad[0] and ctx.student_grad
+        want_t = ctx.needs_input_grad[1]
+        if not (want_s or want_t):
+            return None, None, None, None
+        w_sum, c = _centred(s, t, v)
+        grad_d = c.mul_(v).mul_((4.0 * w_sum * grad_out).unsqueeze(1))  # ∂/∂d_j = 4·W·v_j·c_j
+        grad_s = -grad_d if want_s else None
+        return grad_s, grad_d if want_t else None, None, None
+
+
+def pairwise_wmse(s: Tensor, t: Tensor, v: Tensor, *, student_grad: bool = True) -> Tensor:
+    """Per-sample Σ_jk v_j v_k (Δt_jk − Δs_jk)² (shape B) without materialising B×C×C."""
+    return _PairwiseWMSE.apply(s, t, v, student_grad)
+
+
+def _normalise(per_sample: Tensor, v: Tensor, normalization: Normalization) -> Tensor:
+    if normalization == "weights":
+        return per_sample.sum() / v.sum(dim=1).square().sum()
+    if normalization == "batch":
+        return per_sample.mean()
+    raise ValueError(f"normalization must be 'weights' or 'batch', got {normalization!r}")
+
+
+def dkl_terms(logits_student: Tensor, logits_teacher: Tensor, *, alpha: float = 1.0, beta: float = 1.0) -> GKLTerms:
+    """DKL of Theorem 1 (Eq. 5), as its two weighted terms."""
+    s, t = _promote(logits_student, logits_teacher)
+    v = pair_weights(t)
+    wmse = alpha / 4.0 * pairwise_wmse(s, t, v, student_grad=False).mean()
+    return GKLTerms(wmse, beta * soft_cross_entropy(s, t))
+
+
+def dkl_loss(logits_student: Tensor, logits_teacher: Tensor, *, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
+    """DKL of Theorem 1 (Eq. 5): α/4·‖√S(w_m)(Δm − S(Δn))‖² − β·S(s_m)ᵀ log s_n, batch mean.
+
+    The wMSE weights are the teacher's scores w_m^jk = s_m^j s_m^k. The stop-gradients make the
+    wMSE term act on the teacher only and the cross-entropy on the student only, so with α = β = 1
+    the gradients with respect to both inputs equal those of `kl_div` — and with a detached teacher
+    the wMSE term contributes nothing (the asymmetry that GKL breaks).
+    """
+    return dkl_terms(logits_student, logits_teacher, alpha=alpha, beta=beta).total
+
+
+def gkl_terms(
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    targets: Tensor | None = None,
+    class_prior: Tensor | None = None,
+    weight_temperature: float = 1.0,
+    normalization: Normalization = "weights",
+) -> GKLTerms:
+    """GKL (Eq. 13) as its two weighted terms; see `gkl_loss`."""
+    s, t = _promote(logits_student, logits_teacher)
+    v = pair_weights(
+        t, gamma=gamma, targets=targets, class_prior=class_prior, weight_temperature=weight_temperature
+    )
+    wmse = alpha / 4.0 * _normalise(pairwise_wmse(s, t, v), v, normalization)
+    return GKLTerms(wmse, beta * soft_cross_entropy(s, t, temperature))
+
+
+def gkl_loss(
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    targets: Tensor | None = None,
+    class_prior: Tensor | None = None,
+    weight_temperature: float = 1.0,
+    normalization: Normalization = "weights",
+) -> Tensor:
+    """GKL (Eq. 13): α/4·Σ w̄ (Δm − Δn)² / Σ w̄  −  β·S(softmax(t/T))ᵀ log softmax(s/T).
+
+    * The wMSE term sends gradient to the student's logit differences (breaking the asymmetry of
+      KL); it reaches the teacher side as well unless the caller detached it — the official AT code
+      lets it flow into the clean logits, distillation detaches the teacher.
+    * Weights: class-wise ``class_prior[targets]`` when a prior is given, else sample-wise
+      ``softmax(teacher / weight_temperature)``; raised to γ.
+    * ``temperature`` (T) applies to the cross-entropy only; the wMSE term uses raw logits, as in
+      the official code. There is no T² factor.
+    * ``normalization="weights"`` divides the batch sum by the sum of pairwise weights (official
+      v2); ``"batch"`` divides by B (conference IKL, see `ikl_loss`).
+    """
+    return gkl_terms(
+        logits_student,
+        logits_teacher,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        temperature=temperature,
+        targets=targets,
+        class_prior=class_prior,
+        weight_temperature=weight_temperature,
+        normalization=normalization,
+    ).total
+
+
+def ikl_loss(
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    temperature: float = 1.0,
+    targets: Tensor | None = None,
+    class_prior: Tensor | None = None,
+    weight_temperature: float = 1.0,
+) -> Tensor:
+    """IKL, the NeurIPS-2024 conference version: GKL with no γ (γ = 1) and wMSE divided by B.
+
+    The official v1 KD configs use sample-wise weights with ``weight_temperature=100``; v1 AT uses
+    the class prior.
+    """
+    return gkl_loss(
+        logits_student,
+        logits_teacher,
+        alpha=alpha,
+        beta=beta,
+        gamma=1.0,
+        temperature=temperature,
+        targets=targets,
+        class_prior=class_prior,
+        weight_temperature=weight_temperature,
+        normalization="batch",
+    )
+
+
+class ClassPrior:
+    """Class-wise mean predicted scores s̄_y (the C×C matrix W of Algorithm 1), built per epoch.
+
+    `update` accumulates softmax(logits / τ) per ground-truth class during an epoch; `end_epoch`
+    all-reduces the sums across DDP ranks, row-normalises them (= the per-class mean, since every
+    softmax row sums to 1) and makes the result the prior used during the next epoch. Before the
+    first epoch ends the prior is uniform 1/C. A class that received no sample in an epoch keeps its
+    previous row (the official code would produce NaN there).
+    """
+
+    def __init__(self, num_classes: int, temperature: float = 1.0, device: torch.device | str | None = None):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.num_classes = num_classes
+        self.temperature = float(temperature)
+        self.prior = torch.full((num_classes, num_classes), 1.0 / num_classes, device=device)
+        self._sum = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        self._count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior.device
+
+    def to(self, device: torch.device | str) -> ClassPrior:
+        self.prior, self._sum, self._count = (x.to(device) for x in (self.prior, self._sum, self._count))
+        return self
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        """Add softmax(logits/τ) of one batch to the rows of its ground-truth classes."""
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected logits of shape (B, {self.num_classes}), got {tuple(logits.shape)}")
+        probs = F.softmax(logits.detach().float() / self.temperature, dim=1).to(self._sum)
+        targets = targets.to(self.device)
+        self._sum.index_add_(0, targets, probs)
+        self._count.index_add_(0, targets, torch.ones_like(targets, dtype=self._count.dtype))
+
+    def rows(self, targets: Tensor) -> Tensor:
+        """prior[targets]: the class-wise score vector s̄_y of each sample."""
+        return self.prior[targets.to(self.device)]
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """Turn this epoch's sums into the prior for the next epoch and reset the accumulators."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self._sum)
+            torch.distributed.all_reduce(self._count)
+        seen = self._count > 0
+        rows = self._sum[seen]
+        self.prior[seen] = (rows / rows.sum(dim=1, keepdim=True)).to(self.prior.dtype)
+        self._sum.zero_()
+        self._count.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_classes": self.num_classes,
+            "temperature": self.temperature,
+            "prior": self.prior.clone(),
+            "sum": self._sum.clone(),
+            "count": self._count.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_classes"]) != self.num_classes:
+            raise ValueError(
+                f"class prior was saved for {state['num_classes']} classes, this run has {self.num_classes}"
+            )
+        self.temperature = float(state["temperature"])
+        self.prior = state["prior"].to(self.prior)
+        self._sum = state["sum"].to(self._sum)
+        self._count = state["count"].to(self._count)
