@@ -94,7 +94,7 @@ for _d, _w in ((28, 10), (70, 16)):
             family="at",
             builder=_build(_d, _w),
             default_num_classes=10,
-            input_norm="inside: CIFAR-10/100 mean/std (RobustBench constants)",
+            input_norm="in-model: CIFAR-10/100 (RobustBench)",
             robustbench=f"DMWideResNet(depth={_d}, width={_w}, activation_fn=nn.SiLU, mean, std)",
             description=f"DM-AT WideResNet-{_d}-{_w}, SiLU, BN momentum 0.01",
         )

@@ -32,7 +32,7 @@ for _name, _block, _layers in (
             family="imagenet",
             builder=lambda num_classes, b=_block, layers=_layers, **kw: ImageNetResNet(b, layers, num_classes, **kw),
             default_num_classes=1000,
-            input_norm="inside: ImageNet mean/std",
+            input_norm="in-model: ImageNet",
             description=f"torchvision {_name}",
         )
     )

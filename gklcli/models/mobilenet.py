@@ -104,7 +104,7 @@ register(
         family="kd-cifar",
         builder=lambda num_classes, **kw: MobileNetV2(num_classes, **kw),
         default_num_classes=100,
-        input_norm="inside: mdistiller CIFAR-100 mean/std",
+        input_norm="in-model: CIFAR-100 (mdistiller)",
         aliases=("MobileNetV2", "mobile_half"),
         description="mdistiller mobile_half (MobileNetV2 ×0.5)",
     )
@@ -115,7 +115,7 @@ register(
         family="imagenet",
         builder=lambda num_classes, **kw: MobileNetV1(num_classes, **kw),
         default_num_classes=1000,
-        input_norm="inside: ImageNet mean/std",
+        input_norm="in-model: ImageNet",
         aliases=("MobileNetV1",),
         description="MobileNet-V1, the paper's ImageNet 'MobileNet' student",
     )

@@ -119,7 +119,7 @@ register(
         family="at",
         builder=lambda num_classes: CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes),
         default_num_classes=10,
-        input_norm="none (raw [0,1])",
+        input_norm="raw [0,1]",
         robustbench="ResNet18() (also AutoAttack's example model)",
         description="CIFAR ResNet-18 (kuangliu layout)",
     )
@@ -130,7 +130,7 @@ register(
         family="at",
         builder=lambda num_classes: CifarResNet(PreActBlock, [2, 2, 2, 2], num_classes),
         default_num_classes=10,
-        input_norm="none (raw [0,1])",
+        input_norm="raw [0,1]",
         robustbench="PreActResNet(PreActBlock, [2,2,2,2], bn_before_fc=True, out_shortcut=True)",
         description="PreAct ResNet-18 of robust-overfitting/AWP",
     )
@@ -141,7 +141,7 @@ register(
         family="kd-cifar",
         builder=lambda num_classes, stats=MDISTILLER_CIFAR100_STATS: CifarResNet(Bottleneck, [3, 4, 6, 3], num_classes, stats),
         default_num_classes=100,
-        input_norm="inside: mdistiller CIFAR-100 mean/std",
+        input_norm="in-model: CIFAR-100 (mdistiller)",
         description="mdistiller CIFAR ResNet50 (teacher of Table XVIII)",
     )
 )

@@ -78,7 +78,7 @@ for _name, _depth, _filters in (
             family="kd-cifar",
             builder=lambda num_classes, d=_depth, f=_filters, **kw: KDResNet(d, f, num_classes, **kw),
             default_num_classes=100,
-            input_norm="inside: mdistiller CIFAR-100 mean/std",
+            input_norm="in-model: CIFAR-100 (mdistiller)",
             description=f"mdistiller {_name}",
         )
     )

@@ -128,7 +128,7 @@ register(
         family="kd-cifar",
         builder=lambda num_classes, **kw: ShuffleNetV1(num_classes, **kw),
         default_num_classes=100,
-        input_norm="inside: mdistiller CIFAR-100 mean/std",
+        input_norm="in-model: CIFAR-100 (mdistiller)",
         aliases=("ShuffleV1",),
         description="mdistiller ShuffleV1 (groups 3)",
     )
@@ -139,7 +139,7 @@ register(
         family="kd-cifar",
         builder=lambda num_classes, **kw: ShuffleNetV2(num_classes, **kw),
         default_num_classes=100,
-        input_norm="inside: mdistiller CIFAR-100 mean/std",
+        input_norm="in-model: CIFAR-100 (mdistiller)",
         aliases=("ShuffleV2",),
         description="mdistiller ShuffleV2 (net size 1)",
     )

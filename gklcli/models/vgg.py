@@ -68,7 +68,7 @@ for _name, _cfg in _CFG.items():
             family="kd-cifar",
             builder=lambda num_classes, c=_cfg, **kw: VGG(c, num_classes, **kw),
             default_num_classes=100,
-            input_norm="inside: mdistiller CIFAR-100 mean/std",
+            input_norm="in-model: CIFAR-100 (mdistiller)",
             description=f"mdistiller {_name}_bn",
         )
     )

@@ -95,7 +95,7 @@ def _at(depth: int, width: int) -> None:
             family="at",
             builder=lambda num_classes, **kw: WideResNet(depth, width, num_classes, **kw),
             default_num_classes=10,
-            input_norm="none (raw [0,1])",
+            input_norm="raw [0,1]",
             robustbench=f"WideResNet(depth={depth}, widen_factor={width}, sub_block1=False)",
             description=f"TRADES/AWP pre-activation WideResNet-{depth}-{width}, ReLU",
         )
@@ -109,7 +109,7 @@ def _kd(depth: int, width: int) -> None:
             family="kd-cifar",
             builder=lambda num_classes, stats=MDISTILLER_CIFAR100_STATS, **kw: WideResNet(depth, width, num_classes, stats=stats, **kw),
             default_num_classes=100,
-            input_norm="inside: mdistiller CIFAR-100 mean/std",
+            input_norm="in-model: CIFAR-100 (mdistiller)",
             description=f"mdistiller wrn_{depth}_{width}",
         )
     )

@@ -1,0 +1,117 @@
+"""The `gkl` command line: a thin Typer app that parses options and calls into the library.
+
+User mistakes arrive as `GKLError` and leave as one red line on stderr with exit code 2; `--debug`
+shows the traceback as well. Heavy imports (torch) happen inside the commands so `gkl --help` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gklcli import __version__
+from gklcli.errors import GKLError
+
+app = typer.Typer(
+    name="gkl",
+    help="Generalized KL (GKL/DKL/IKL) loss: adversarial training, distillation, AutoAttack, RobustBench export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"gkl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
+) -> None:
+    """gkl: the GKL loss of Cui et al. for robustness and distillation research."""
+
+
+@app.command("models")
+def models_cmd(
+    family: Optional[str] = typer.Option(None, help="Only this family: at, kd-cifar or imagenet."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the model registry: name, parameters, input normalisation, matching RobustBench class."""
+    from gklcli.models import count_params, get_spec, list_models
+
+    names = list_models(family)
+    if not names:
+        raise GKLError(f"--family {family}: no such family (at, kd-cifar, imagenet)")
+    rows = []
+    for name in names:
+        spec = get_spec(name)
+        rows.append(
+            {
+                "name": name,
+                "family": spec.family,
+                "num_classes": spec.default_num_classes,
+                "params": count_params(name),
+                "input_norm": spec.input_norm,
+                "robustbench": spec.robustbench,
+                "aliases": list(spec.aliases),
+                "description": spec.description,
+            }
+        )
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="gkl model registry (params for the default class count: 10 at, 100 kd-cifar, 1000 imagenet)", header_style="bold")
+    for column in ("name", "family", "params (M)"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("input normalisation", overflow="fold")
+    table.add_column("RobustBench class", overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["family"],
+            f"{row['params'] / 1e6:.2f}",
+            row["input_norm"],
+            row["robustbench"] or "-",
+        )
+    out.print(table)
+
+
+@app.command("show-recipe")
+def show_recipe_cmd(
+    recipe: str = typer.Argument(..., help="A recipe file, or a name from recipes/ (e.g. cifar100_basic)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a setting: --set loss.gamma=0.4 (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+) -> None:
+    """Print the fully resolved recipe (extends merged, overrides applied, defaults filled)."""
+    from gklcli.recipes import load_recipe, resolve_recipe_path
+
+    resolved = load_recipe(resolve_recipe_path(recipe), overrides)
+    if as_json:
+        out.print_json(json.dumps(resolved.to_dict()))
+    else:
+        sys.stdout.write(resolved.to_yaml())
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console-script entry point. Typer handles usage errors itself (exit 2, with the usage);
+    a `GKLError` raised by a command becomes one red line and exit code 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        app(args=args, prog_name="gkl")
+    except GKLError as error:
+        if "--debug" in args:
+            err.print_exception()
+        err.print(f"[bold red]error:[/bold red] {escape(str(error))}")
+        sys.exit(2)

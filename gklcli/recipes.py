@@ -1,0 +1,495 @@
+"""Typed YAML recipes: schema, `extends:` inheritance, `--set a.b=c` overrides and validation.
+
+A recipe is a YAML mapping whose top-level keys are the sections of `Recipe`. `extends: base.yaml`
+(a path relative to the recipe, or a list of them) deep-merges the recipe over its bases: mappings
+merge key by key, everything else (lists included) is replaced. Overrides from the command line are
+applied last and parsed with YAML typing (`--set loss.gamma=0.4`, `--set attack.eps=8/255`).
+
+Every error is a `GKLError` naming the file (or `--set`) that supplied the bad key, the dotted key
+and the value, e.g. ``recipes/x.yaml: loss.gamma: must be >= 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+
+from gklcli.errors import GKLError
+
+EPS_8 = 8 / 255
+EPS_2 = 2 / 255
+
+
+def _num(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """A numeric field with an allowed range; `lo_open` makes the lower bound exclusive."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema. Names follow the GKL paper: α weights the wMSE term, β the soft-label cross-entropy, γ is
+# the power on the weights, τ the temperature of the class prior.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetaCfg:
+    """What the recipe reproduces; used by `gkl reproduce` and shown in reports."""
+
+    name: Optional[str] = None
+    description: str = ""
+    table: Optional[str] = None
+    row: Optional[str] = None
+
+
+@dataclass
+class ModelCfg:
+    arch: str = "wrn-34-10"
+    num_classes: Optional[int] = _num(None, 2)  # None: the dataset's class count
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+    channels_last: bool = False
+
+
+@dataclass
+class GeneratedCfg:
+    """DM-AT generated data (npz with `image`/`label`), mixed into every batch."""
+
+    path: Optional[str] = None
+    fraction: float = _num(0.7, 0.0, 1.0)  # share of each batch drawn from the generated set
+
+
+@dataclass
+class SyntheticCfg:
+    """A small generated dataset with learnable structure, for the quick start and tests."""
+
+    num_train: int = _num(2048, 1)
+    num_test: int = _num(512, 1)
+    num_classes: int = _num(10, 2)
+    image_size: int = _num(32, 8)
+    seed: int = 0
+
+
+@dataclass
+class DataCfg:
+    dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "imagenet", "imagenet-lt"] = "cifar10"
+    root: Optional[str] = None  # dataset directory (`--data-dir`); None: ./data
+    download: bool = True  # torchvision download when the files are missing (needs internet)
+    path: Optional[str] = None  # the .npz file for dataset=npz
+    augment: Literal["basic", "autoaug", "mdistiller", "imagenet", "none"] = "basic"
+    batch_size: int = _num(128, 1)
+    eval_batch_size: int = _num(256, 1)
+    num_workers: int = _num(4, 0)
+    val_size: int = _num(1000, 0)  # held out from the training set for model selection
+    drop_last: bool = False
+    generated: GeneratedCfg = field(default_factory=GeneratedCfg)
+    synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
+
+
+@dataclass
+class LossCfg:
+    """The outer (training) loss.
+
+    Official AT scripts name the weights the other way round: their ``--alpha`` is β here and their
+    ``--beta`` is α here (see `gklcli.losses`).
+    """
+
+    name: Literal["gkl", "ikl", "dkl", "trades", "kd", "jsd", "ce"] = "gkl"
+    alpha: float = _num(20.0, 0.0)  # α: wMSE weight (the term is α/4·‖·‖²)
+    beta: float = _num(4.0, 0.0)  # β: soft-label cross-entropy weight
+    gamma: float = _num(1.0, 0.0, 1.0)  # γ: power on the wMSE weights
+    weights: Literal["class", "sample"] = "class"  # class-wise prior (GI) or sample-wise scores
+    prior_temperature: float = _num(4.0, 0.0, lo_open=True)  # τ: softmax temperature of the prior
+    weight_temperature: float = _num(1.0, 0.0, lo_open=True)  # T2: sample-wise weight temperature
+    temperature: float = _num(1.0, 0.0, lo_open=True)  # T: cross-entropy (and KD) temperature
+    normalization: Literal["weights", "batch"] = "weights"  # GKL (v2) vs conference IKL (v1)
+    ce_weight: float = _num(1.0, 0.0)  # weight of the hard-label cross-entropy
+    trades_beta: float = _num(6.0, 0.0)  # β of TRADES when name=trades
+    aug_weight: float = _num(0.5, 0.0)  # weight of the AutoAugment view's robust term
+    label_smoothing: float = _num(0.0, 0.0, 1.0)
+    warmup_epochs: int = _num(0, 0)  # KD: the distillation term is scaled by min(epoch/warmup, 1)
+
+
+@dataclass
+class AttackCfg:
+    """The inner maximisation of adversarial training (run in eval mode by default)."""
+
+    eps: float = _num(EPS_8, 0.0)
+    loss: Literal["gkl", "sce", "kl", "ce"] = "gkl"  # official: gkl(α=β=γ=1) C-100, sce C-10
+    # official: 5 steps of ε_t/2 every epoch (what the official `if` chain really does);
+    # staged: the 2/3/4/5-step schedule it intended; fixed: `steps` × `step_size`.
+    schedule: Literal["official", "staged", "fixed"] = "official"
+    steps: int = _num(10, 1)
+    step_size: float = _num(EPS_2, 0.0, lo_open=True)
+    eps_ramp: bool = True  # ε_t = ε·epoch/epochs
+    init_std: float = _num(0.001, 0.0)  # x + init_std·N(0, 1) starting point
+    bn_mode: Literal["eval", "train"] = "eval"
+
+
+@dataclass
+class AwpCfg:
+    """Adversarial weight perturbation (Wu et al.), as the official TRADES-AWP code."""
+
+    enabled: bool = True
+    gamma: float = _num(0.005, 0.0)
+    warmup_epochs: int = _num(10, 0)
+
+
+@dataclass
+class OptimCfg:
+    name: Literal["sgd"] = "sgd"
+    lr: float = _num(0.2, 0.0, lo_open=True)
+    momentum: float = _num(0.9, 0.0, 1.0)
+    weight_decay: float = _num(5e-4, 0.0)
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleCfg:
+    epochs: int = _num(200, 1)
+    # cosine-official: lr·½(1+cos(π·epoch/(epochs+1))) per epoch, epochs counted from 1 (DKL code)
+    lr_schedule: Literal["cosine-official", "cosine", "multistep", "constant"] = "cosine-official"
+    milestones: list[int] = field(default_factory=list)
+    lr_decay: float = _num(0.1, 0.0, 1.0)
+    warmup_epochs: int = _num(0, 0)  # linear learning-rate warm-up
+
+
+@dataclass
+class EmaCfg:
+    """Weight averaging. epoch: EMA over per-epoch weights (official swa.py, BN buffers included);
+    step: in-loop EMA after every step (DM-AT style)."""
+
+    mode: Literal["none", "epoch", "step"] = "epoch"
+    tau: float = _num(0.9, 0.0, 1.0)
+    start_epoch: int = _num(1, 1)
+
+
+@dataclass
+class TeacherCfg:
+    """The frozen teacher of distillation."""
+
+    arch: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class TrainCfg:
+    seed: int = 0
+    amp: Literal["none", "bf16"] = "none"
+    compile: bool = False
+    deterministic: bool = True
+    save_every_steps: int = _num(0, 0)  # 0: checkpoint at epoch ends only
+    log_every_steps: int = _num(50, 1)
+    max_steps_per_epoch: Optional[int] = _num(None, 1)  # truncate epochs (smoke runs)
+
+
+@dataclass
+class EvalCfg:
+    """Validation during training and the defaults of robustness evaluation."""
+
+    every_epochs: int = _num(1, 1)
+    eps: float = _num(EPS_8, 0.0)
+    pgd_steps: int = _num(10, 0)
+    pgd_step_size: float = _num(EPS_2, 0.0, lo_open=True)
+    n_val: Optional[int] = _num(None, 1)
+    aa_version: Literal["standard", "plus", "rand", "custom"] = "standard"
+    aa_n_ex: int = _num(10000, 1)
+    aa_batch_size: int = _num(500, 1)
+
+
+@dataclass
+class OutputCfg:
+    dir: Optional[str] = None  # None: runs/<recipe name>
+    overwrite: bool = False
+    tensorboard: bool = True
+    plots: bool = True
+
+
+@dataclass
+class Recipe:
+    kind: Literal["at", "kd"] = "at"
+    meta: MetaCfg = field(default_factory=MetaCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    attack: AttackCfg = field(default_factory=AttackCfg)
+    awp: AwpCfg = field(default_factory=AwpCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
+    teacher: TeacherCfg = field(default_factory=TeacherCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    output: OutputCfg = field(default_factory=OutputCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def content_hash(self) -> str:
+        """A stable hash of every setting, for content-addressed runs."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: YAML files, `extends:`, overrides. `Sources` remembers which file set each dotted key.
+# ---------------------------------------------------------------------------------------------------
+
+Sources = dict[str, str]
+_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GKLError(f"{origin}: recipe file not found: {path}") from None
+    except OSError as err:
+        raise GKLError(f"{origin}: cannot read {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise GKLError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GKLError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _record(data: dict[str, Any], source: str, sources: Sources, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        sources[dotted] = source
+        if isinstance(value, dict):
+            _record(value, source, sources, dotted + ".")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_tree(path: Path, sources: Sources, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The merged mapping of `path` and everything it extends, bases first."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise GKLError(f"{path}: extends: cycle {cycle}")
+    data = _read_yaml(path, str(chain[-1]) if chain else "recipe")
+    parents = data.pop("extends", None)
+    if parents is None:
+        parents = []
+    elif isinstance(parents, str):
+        parents = [parents]
+    elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
+        raise GKLError(f"{path}: extends: must be a path or a list of paths, got {parents!r}")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        merged = _deep_merge(merged, _load_tree(path.parent / parent, sources, (*chain, path)))
+    _record(data, str(path), sources)
+    return _deep_merge(merged, data)
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A recipe given as a path, or by name from ./recipes or gkl's own recipes/ folder."""
+    candidates = [Path(name)]
+    if not name.endswith((".yaml", ".yml")):
+        candidates.append(Path(name + ".yaml"))
+    for folder in (Path("recipes"), RECIPES_DIR):
+        candidates += [folder / c.name for c in candidates[:2]]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise GKLError(f"recipe not found: {name} (give a path, or a name from {RECIPES_DIR})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (['a','b','c'], YAML-typed value)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise GKLError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. loss.gamma=0.4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(tree: dict[str, Any], text: str, sources: Sources) -> None:
+    path, value = parse_override(text)
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+    origin = f"--set {text}"
+    sources[".".join(path)] = origin
+    if isinstance(value, dict):
+        _record(value, origin, sources, ".".join(path) + ".")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion of the merged mapping into the typed schema.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _where(key: str, sources: Sources) -> str:
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        origin = sources.get(".".join(parts[:i]))
+        if origin:
+            return origin
+    return "recipe"
+
+
+def _fail(key: str, sources: Sources, message: str) -> GKLError:
+    return GKLError(f"{_where(key, sources)}: {key}: {message}")
+
+
+def _to_float(value: Any, key: str, sources: Sources) -> float:
+    if isinstance(value, bool):
+        raise _fail(key, sources, f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        match = _FRACTION.match(value)
+        if match:
+            num, den = (float(g) for g in match.groups())
+            if den == 0:
+                raise _fail(key, sources, f"division by zero in {value!r}")
+            return num / den
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise _fail(key, sources, f"expected a number (such as 0.5 or 8/255), got {value!r}")
+
+
+def _convert(value: Any, tp: Any, key: str, sources: Sources) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, sources)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise _fail(key, sources, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(key, sources, f"expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]", sources) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(key, sources, f"expected a mapping of settings, got {value!r}")
+        return _build(tp, value, sources, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(key, sources, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(key, sources, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        return _to_float(value, key, sources)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _fail(key, sources, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {key}")  # a bug in the schema, not user input
+
+
+def _check_range(value: Any, f: dataclasses.Field, key: str, sources: Sources) -> None:
+    if value is None or isinstance(value, (bool, str, list)):
+        return
+    lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _fail(key, sources, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise _fail(key, sources, f"must be <= {hi}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], sources: Sources, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        allowed = ", ".join(fields)
+        raise _fail(key, sources, f"unknown key; allowed keys{' in ' + prefix[:-1] if prefix else ''}: {allowed}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        converted = _convert(value, hints[name], key, sources)
+        _check_range(converted, fields[name], key, sources)
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _check_consistency(recipe: Recipe, sources: Sources) -> None:
+    """Rules that involve more than one key."""
+    from gklcli.models import get_spec  # torch import kept out of module import time
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise _fail(key, sources, message)
+
+    for key, arch in (("model.arch", recipe.model.arch), ("teacher.arch", recipe.teacher.arch)):
+        if arch is not None:
+            try:
+                get_spec(arch)
+            except GKLError as err:
+                raise _fail(key, sources, str(err)) from None
+    data = recipe.data
+    require(data.dataset != "npz" or data.path is not None, "data.path", "dataset 'npz' needs data.path (the .npz file)")
+    require(data.augment != "autoaug" or recipe.kind == "at", "data.augment", "'autoaug' two-view training is for kind 'at'")
+    sched = recipe.schedule
+    require(sched.lr_schedule != "multistep" or bool(sched.milestones), "schedule.milestones", "'multistep' needs milestones")
+    require(sorted(sched.milestones) == sched.milestones, "schedule.milestones", f"must be increasing, got {sched.milestones}")
+    require(sched.warmup_epochs < sched.epochs, "schedule.warmup_epochs", f"must be < schedule.epochs ({sched.epochs})")
+    if recipe.kind == "kd":
+        require(recipe.teacher.arch is not None, "teacher.arch", "kind 'kd' needs a teacher architecture")
+        require(recipe.loss.name in ("gkl", "ikl", "kd", "jsd", "ce"), "loss.name", f"{recipe.loss.name!r} is not a distillation loss")
+    else:
+        require(recipe.loss.name in ("gkl", "ikl", "dkl", "trades"), "loss.name", f"{recipe.loss.name!r} is not an adversarial-training loss")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge, override and validate a recipe file into a `Recipe`."""
+    sources: Sources = {}
+    tree = _load_tree(Path(path), sources, ())
+    for text in overrides:
+        _apply_override(tree, text, sources)
+    recipe = _build(Recipe, tree, sources)
+    if recipe.meta.name is None:
+        recipe.meta.name = Path(path).stem
+    _check_consistency(recipe, sources)
+    return recipe
