@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -71,16 +73,39 @@ def kl_div(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 
     No T² factor: distillation methods that want Hinton's scaling multiply it themselves.
     """
     s, t = _promote(logits_student, logits_teacher)
-    log_q = F.log_softmax(s / temperature, dim=1)
-    log_p = F.log_softmax(t / temperature, dim=1)
+    log_q = F.log_softmax(_scaled(s, temperature), dim=1)
+    log_p = F.log_softmax(_scaled(t, temperature), dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
 def soft_cross_entropy(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0) -> Tensor:
     """Batch-mean −S(softmax(t/T))ᵀ log softmax(s/T): the soft-label term; the target is detached."""
     s, t = _promote(logits_student, logits_teacher)
-    target = F.softmax(t.detach() / temperature, dim=1)
-    return F.cross_entropy(s / temperature, target)
+    target = F.softmax(_scaled(t.detach(), temperature), dim=1)
+    return F.cross_entropy(_scaled(s, temperature), target)
+
+
+class _PoweredPriorCache:
+    """prior**γ, recomputed only when the prior tensor object, its in-place version, γ or dtype change.
+
+    The class prior changes once per epoch while the loss runs every step; raising the C×C matrix
+    once instead of B×C rows each step removes the loss's most expensive elementwise op.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._ref: weakref.ref | None = None
+        self._value: Tensor | None = None
+
+    def get(self, prior: Tensor, gamma: float, dtype: torch.dtype) -> Tensor:
+        key = (prior._version, gamma, dtype, prior.device)
+        if self._ref is None or self._ref() is not prior or self._key != key:
+            self._value = prior.detach().to(dtype).pow(gamma)
+            self._ref, self._key = weakref.ref(prior), key
+        return self._value
+
+
+_POWERED_PRIOR = _PoweredPriorCache()
 
 
 def pair_weights(
@@ -98,58 +123,59 @@ def pair_weights(
     """
     dtype = _compute_dtype(logits_teacher)
     with torch.no_grad():
-        if class_prior is not None:
-            if targets is None:
-                raise ValueError("class-wise weights need `targets` to index the class prior")
-            if class_prior.dim() != 2 or class_prior.shape[0] != class_prior.shape[1]:
-                raise ValueError(f"class_prior must be C×C, got {tuple(class_prior.shape)}")
-            if class_prior.shape[1] != logits_teacher.shape[1]:
-                raise ValueError(
-                    f"class_prior has {class_prior.shape[1]} classes, the logits have {logits_teacher.shape[1]}"
-                )
-            v = class_prior.to(device=logits_teacher.device, dtype=dtype)[targets]
-        else:
-            v = F.softmax(logits_teacher.detach().to(dtype) / weight_temperature, dim=1)
-        if gamma != 1.0:
-            v = v.pow(gamma)
-    return v
+        if class_prior is None:
+            v = F.softmax(_scaled(logits_teacher.detach().to(dtype), weight_temperature), dim=1)
+            return v if gamma == 1.0 else v.pow_(gamma)
+        if targets is None:
+            raise ValueError("class-wise weights need `targets` to index the class prior")
+        if class_prior.dim() != 2 or class_prior.shape[0] != class_prior.shape[1]:
+            raise ValueError(f"class_prior must be C×C, got {tuple(class_prior.shape)}")
+        if class_prior.shape[1] != logits_teacher.shape[1]:
+            raise ValueError(
+                f"class_prior has {class_prior.shape[1]} classes, the logits have {logits_teacher.shape[1]}"
+            )
+        prior = class_prior.to(logits_teacher.device)
+        powered = prior.to(dtype) if gamma == 1.0 else _POWERED_PRIOR.get(prior, gamma, dtype)
+        return torch.index_select(powered, 0, targets.to(prior.device))
 
 
-def _centred(s: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """W = Σ_j v_j and c = d − d̄ for d = t − s, the pieces of the closed form."""
-    d = t - s
-    w_sum = v.sum(dim=1)
-    d_bar = (v * d).sum(dim=1) / w_sum
-    return w_sum, d.sub_(d_bar.unsqueeze(1))
+def _scaled(x: Tensor, temperature: float) -> Tensor:
+    """x / T, skipping the copy when T = 1."""
+    return x if temperature == 1.0 else x / temperature
 
 
 class _PairwiseWMSE(torch.autograd.Function):
     """Per-sample Σ_jk v_j v_k ((t_j − t_k) − (s_j − s_k))², forward and backward in O(B·C).
 
-    Saves only its inputs and recomputes the centred differences in backward, so its memory
-    footprint is that of the logits themselves. `student_grad=False` is the stop-gradient S(Δn) of
-    Theorem 1 (DKL); the weights v never receive gradient.
+    Keeps the centred differences c = d − d̄ for backward, where ∂/∂d_j = 4·W·v_j·c_j (the d̄ term
+    vanishes because Σ_j v_j c_j = 0): one B×C tensor, no B×C×C. `student_grad=False` is the
+    stop-gradient S(Δn) of Theorem 1 (DKL); the weights v never receive gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, s: Tensor, t: Tensor, v: Tensor, student_grad: bool) -> Tensor:
-        w_sum, c = _centred(s, t, v)
-        ctx.save_for_backward(s, t, v)
+        w_sum = v.sum(dim=1)
+        d = t - s
+        d_bar = torch.linalg.vecdot(v, d) / w_sum
+        c = d.sub_(d_bar.unsqueeze(1))
+        vc = v * c
+        ctx.save_for_backward(vc, w_sum)
         ctx.student_grad = student_grad
-        return 2.0 * w_sum * (v * c * c).sum(dim=1)
+        return 2.0 * w_sum * torch.linalg.vecdot(vc, c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        s, t, v = ctx.saved_tensors
+        vc, w_sum = ctx.saved_tensors
         want_s = ctx.needs_input_grad[0] and ctx.student_grad
         want_t = ctx.needs_input_grad[1]
         if not (want_s or want_t):
             return None, None, None, None
-        w_sum, c = _centred(s, t, v)
-        grad_d = c.mul_(v).mul_((4.0 * w_sum * grad_out).unsqueeze(1))  # ∂/∂d_j = 4·W·v_j·c_j
-        grad_s = -grad_d if want_s else None
-        return grad_s, grad_d if want_t else None, None, None
+        scale = (4.0 * w_sum * grad_out).unsqueeze(1)
+        grad_t = vc * scale if want_t else None
+        if not want_s:
+            return None, grad_t, None, None
+        return (-grad_t if grad_t is not None else vc * -scale), grad_t, None, None
 
 
 def pairwise_wmse(s: Tensor, t: Tensor, v: Tensor, *, student_grad: bool = True) -> Tensor:

@@ -261,3 +261,29 @@ def test_class_prior_all_reduces_across_ddp_ranks(tmp_path):
     single.end_epoch()
     for rank in range(2):
         torch.testing.assert_close(results[rank], single.prior)
+
+
+def test_powered_prior_cache_follows_in_place_prior_updates():
+    """gkl_loss caches prior**γ; ClassPrior.end_epoch changes the prior in place and must invalidate it."""
+    s, t = _logits(6, 4, seed=17)
+    targets = torch.tensor([0, 1, 2, 3, 0, 1])
+    cp = ClassPrior(num_classes=4)
+    prior = cp.prior.double()
+    first = gkl_loss(s, t, alpha=2.0, beta=0.0, gamma=0.5, targets=targets, class_prior=prior)
+    torch.testing.assert_close(first, naive_gkl(s, t, alpha=2.0, beta=0.0, gamma=0.5, targets=targets, prior=prior))
+    prior[0] = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)  # in place, same object
+    second = gkl_loss(s, t, alpha=2.0, beta=0.0, gamma=0.5, targets=targets, class_prior=prior)
+    torch.testing.assert_close(second, naive_gkl(s, t, alpha=2.0, beta=0.0, gamma=0.5, targets=targets, prior=prior))
+    assert not torch.allclose(first, second)
+    # a different γ on the same prior is not served from the cache either
+    third = gkl_loss(s, t, alpha=2.0, beta=0.0, gamma=0.2, targets=targets, class_prior=prior)
+    torch.testing.assert_close(third, naive_gkl(s, t, alpha=2.0, beta=0.0, gamma=0.2, targets=targets, prior=prior))
+    # and the ClassPrior's own tensor, updated by end_epoch, is seen fresh
+    cp.update(torch.randn(8, 4), torch.arange(8) % 4)
+    before = gkl_loss(s, t, alpha=2.0, beta=0.0, gamma=0.5, targets=targets, class_prior=cp.prior)
+    cp.update(torch.randn(8, 4) * 5, torch.arange(8) % 4)
+    cp.end_epoch()
+    after = gkl_loss(s, t, alpha=2.0, beta=0.0, gamma=0.5, targets=targets, class_prior=cp.prior)
+    ref = naive_gkl(s.float(), t.float(), alpha=2.0, beta=0.0, gamma=0.5, targets=targets, prior=cp.prior)
+    torch.testing.assert_close(after.float(), ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(before, after)
