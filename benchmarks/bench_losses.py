@@ -94,18 +94,21 @@ def peak_bytes(fn: Callable[[], torch.Tensor], s: torch.Tensor, t: torch.Tensor)
     return tracker.peak
 
 
-def median_seconds(fn: Callable[[], torch.Tensor], s: torch.Tensor, t: torch.Tensor, repeats: int) -> float:
+def median_seconds(methods: dict[str, Callable[[], torch.Tensor]], s: torch.Tensor, t: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median wall time per method, measured round-robin so machine drift hits all alike."""
     sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
-    for _ in range(max(2, repeats // 5)):
-        _step(fn, s, t)
-    times = []
+    for fn in methods.values():
+        for _ in range(3):
+            _step(fn, s, t)
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        _step(fn, s, t)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in methods.items():
+            sync()
+            start = time.perf_counter()
+            _step(fn, s, t)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def run(device: str, repeats: int, naive_limit_gb: float) -> list[dict]:
@@ -123,34 +126,35 @@ def run(device: str, repeats: int, naive_limit_gb: float) -> list[dict]:
             "naive": lambda: naive_algorithm1(s, t, onehot, prior),
         }
         naive_need_gb = 8 * b * c * c * 4 / 1e9  # ~8 live B×C×C fp32 tensors at the peak
-        base_time = base_mem = None
-        for name, fn in methods.items():
-            if name == "naive" and naive_need_gb > naive_limit_gb:
-                rows.append({"B": b, "C": c, "method": name, "skipped": f"needs ~{naive_need_gb:.0f} GB (> --naive-limit-gb)"})
-                continue
-            reps = repeats if name != "naive" or c < 1000 else 2
-            seconds = median_seconds(fn, s, t, reps)
-            peak = peak_bytes(fn, s, t)
-            if name == "kl_div":
-                base_time, base_mem = seconds, peak
+        skipped = naive_need_gb > naive_limit_gb
+        if skipped:
+            del methods["naive"]
+        # kl_div and gkl_loss interleaved; the naive formula's huge allocations would disturb them
+        seconds = median_seconds({k: methods[k] for k in ("kl_div", "gkl_loss")}, s, t, repeats)
+        if not skipped:
+            seconds.update(median_seconds({"naive": methods["naive"]}, s, t, max(3, repeats // 10)))
+        peaks = {name: peak_bytes(fn, s, t) for name, fn in methods.items()}
+        for name in methods:
             rows.append(
                 {
                     "B": b,
                     "C": c,
                     "method": name,
-                    "ms": seconds * 1e3,
-                    "time_ratio": seconds / base_time,
-                    "peak_mb": peak / 2**20,
-                    "mem_ratio": peak / base_mem,
+                    "ms": seconds[name] * 1e3,
+                    "time_ratio": seconds[name] / seconds["kl_div"],
+                    "peak_mb": peaks[name] / 2**20,
+                    "mem_ratio": peaks[name] / peaks["kl_div"],
                 }
             )
+        if skipped:
+            rows.append({"B": b, "C": c, "method": "naive", "skipped": f"needs ~{naive_need_gb:.0f} GB (> --naive-limit-gb)"})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--naive-limit-gb", type=float, default=8.0, help="skip the naive formula above this estimate")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
