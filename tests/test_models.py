@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gklcli.compat import import_robustbench
 from gklcli.errors import GKLError
