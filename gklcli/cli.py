@@ -104,6 +104,52 @@ def show_recipe_cmd(
         sys.stdout.write(resolved.to_yaml())
 
 
+def _default_out(recipe_name: str) -> str:
+    return f"runs/{recipe_name}"
+
+
+@app.command("train-at")
+def train_at_cmd(
+    recipe: str = typer.Argument(..., help="An AT recipe file or name (e.g. cifar100_basic, quickstart)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a setting: --set loss.gamma=0.4 (repeatable)."),
+    output: Optional[str] = typer.Option(None, "--out", help="Output directory (default: output.dir or runs/<recipe name>)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset root (default: data.root or ./data)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (a finished run is left as is)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output directory that holds a run."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; one line per epoch (for log files)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
+) -> None:
+    """Adversarial training with GKL (or IKL, DKL, TRADES); runs under torchrun for multi-GPU DDP."""
+    from gklcli.recipes import load_recipe, resolve_recipe_path
+
+    resolved = load_recipe(resolve_recipe_path(recipe), overrides)
+    if resolved.kind != "at":
+        raise GKLError(f"{recipe}: kind is {resolved.kind!r}; `gkl train-at` needs an adversarial-training recipe (kind: at)")
+    if overwrite:
+        resolved.output.overwrite = True
+    if dry_run:
+        from gklcli.train.plan import build_plan, print_plan
+
+        sys.stdout.write(resolved.to_yaml())
+        print_plan(build_plan(resolved), resolved, out)
+        return
+    from gklcli.train.at import train_at
+    from gklcli.train.engine import Interrupted
+
+    out_dir = output or resolved.output.dir or _default_out(resolved.meta.name)
+    try:
+        results = train_at(resolved, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=out)
+    except Interrupted as stop:
+        err.print(f"[yellow]interrupted:[/yellow] {escape(str(stop))}")
+        raise typer.Exit(3)
+    out.print(f"results: {out_dir}/results.json, summary: {out_dir}/summary.md")
+    best, last = results.get("best", {}), results.get("last", {})
+    for name, row in (("last", last), ("best", best)):
+        if row:
+            out.print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point. Typer handles usage errors itself (exit 2, with the usage);
     a `GKLError` raised by a command becomes one red line and exit code 2."""

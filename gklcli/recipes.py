@@ -82,7 +82,8 @@ class DataCfg:
     dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "imagenet", "imagenet-lt"] = "cifar10"
     root: Optional[str] = None  # dataset directory (`--data-dir`); None: ./data
     download: bool = True  # torchvision download when the files are missing (needs internet)
-    path: Optional[str] = None  # the .npz file for dataset=npz
+    path: Optional[str] = None  # the .npz training file for dataset=npz (keys `image`, `label`)
+    test_path: Optional[str] = None  # an .npz test file for dataset=npz (final test numbers)
     augment: Literal["basic", "autoaug", "mdistiller", "imagenet", "none"] = "basic"
     batch_size: int = _num(128, 1)
     eval_batch_size: int = _num(256, 1)
@@ -130,6 +131,8 @@ class AttackCfg:
     step_size: float = _num(EPS_2, 0.0, lo_open=True)
     eps_ramp: bool = True  # ε_t = ε·epoch/epochs
     init_std: float = _num(0.001, 0.0)  # x + init_std·N(0, 1) starting point
+    # eval: BatchNorm uses running statistics (official DKL); train: batch statistics without
+    # updating the running ones (DM-AT's `track_bn_stats(model, False)`).
     bn_mode: Literal["eval", "train"] = "eval"
 
 
@@ -139,7 +142,11 @@ class AwpCfg:
 
     enabled: bool = True
     gamma: float = _num(0.005, 0.0)
-    warmup_epochs: int = _num(10, 0)
+    warmup_epochs: int = _num(10, 0)  # perturb from this epoch on (official: `epoch >= awp_warmup`)
+    # exact: copy the unperturbed weights back before the optimizer step (bit-exact restore);
+    # subtract: the official order, step on the perturbed weights and then subtract γ·diff (weight
+    # decay then also acts on the perturbation, and rounding leaves ~1 ulp of drift).
+    restore: Literal["exact", "subtract"] = "exact"
 
 
 @dataclass
@@ -198,7 +205,10 @@ class EvalCfg:
     eps: float = _num(EPS_8, 0.0)
     pgd_steps: int = _num(10, 0)
     pgd_step_size: float = _num(EPS_2, 0.0, lo_open=True)
-    n_val: Optional[int] = _num(None, 1)
+    n_val: Optional[int] = _num(None, 1)  # validate on the first n held-out images (None: all)
+    select: Literal["pgd", "clean"] = "pgd"  # best.pt: highest validation PGD (or clean) accuracy
+    final_test: bool = True  # evaluate last and best on the test set when training ends
+    n_test: Optional[int] = _num(None, 1)  # first n test images for that evaluation (None: all)
     aa_version: Literal["standard", "plus", "rand", "custom"] = "standard"
     aa_n_ex: int = _num(10000, 1)
     aa_batch_size: int = _num(500, 1)

@@ -1,0 +1,424 @@
+"""Datasets, augmentation and resumable batch order for training and evaluation.
+
+Design choices, and why:
+
+* Images stay uint8 (N×H×W×C) until they reach the device, where `to_float` turns a batch into
+  [0, 1] floats. Models normalise internally, so nothing else touches the pixels.
+* Every random choice is derived from explicit seeds: the shuffle from (seed, epoch) and each
+  sample's augmentation from (seed, epoch, index). The sampler yields ``(epoch, index)`` pairs, so
+  DataLoader workers hold no state, any number of workers gives the same batches, and a run resumed
+  in the middle of an epoch sees exactly the batches the interrupted run would have seen.
+* Under DDP the *global* batch is the recipe's batch size and rank r takes the r-th slice of it:
+  N ranks see the same global batches as one process (DistributedSampler semantics, resumable).
+* Generated data (DM-AT `.npz` with `image`/`label`, up to 50M images ≈ 150 GB) is memory-mapped
+  straight out of the (uncompressed) zip archive, never loaded whole.
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gklcli.errors import GKLError
+
+CIFAR_SIZES = {"cifar10": (50000, 10000, 10), "cifar100": (50000, 10000, 100)}
+_SPLIT_SEED = 0  # the validation split is the same for every run and seed (never the test set)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image sources: uint8 arrays N×H×W×C (in memory or memory-mapped) with int64 labels.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArraySource:
+    """Images (N×H×W×C uint8, possibly a memmap) and labels; `name` is used in messages."""
+
+    images: Any
+    labels: np.ndarray
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, index: int) -> tuple[Tensor, int]:
+        """One image as a C×H×W uint8 tensor and its label."""
+        img = torch.from_numpy(np.array(self.images[index], copy=True)).permute(2, 0, 1)
+        return img, int(self.labels[index])
+
+
+def _check_arrays(images: Any, labels: np.ndarray, name: str, num_classes: Optional[int]) -> None:
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise GKLError(f"{name}: `image` must be uint8 of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise GKLError(f"{name}: `label` must have shape ({len(images)},), got {tuple(labels.shape)}")
+    if len(labels) and num_classes is not None:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise GKLError(f"{name}: labels must lie in [0, {num_classes - 1}], found [{lo}, {hi}]")
+
+
+def _zip_member_memmap(path: Path, archive: zipfile.ZipFile, member: str) -> Optional[np.ndarray]:
+    """Memory-map an uncompressed `.npy` member of an `.npz` file; None if it is compressed."""
+    info = archive.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise GKLError(f"{path}: corrupt zip header for {member}")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(fh)
+        offset = fh.tell()
+    if fortran:
+        raise GKLError(f"{path}: {member} is Fortran-ordered; re-save it C-ordered")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def load_npz(path: str | Path, num_classes: Optional[int] = None, *, max_in_memory_gb: float = 4.0) -> ArraySource:
+    """An `.npz` with `image` (N×H×W×3 uint8) and `label`; memory-mapped when stored uncompressed."""
+    path = Path(path)
+    if not path.is_file():
+        raise GKLError(f"{path}: npz file not found")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise GKLError(f"{path}: not an .npz (zip) file") from None
+    with archive:
+        members = {Path(n).stem: n for n in archive.namelist()}
+        missing = [k for k in ("image", "label") if k not in members]
+        if missing:
+            raise GKLError(f"{path}: missing key(s) {', '.join(missing)}; found {', '.join(sorted(members)) or 'none'}")
+        images = _zip_member_memmap(path, archive, members["image"])
+        if images is None:
+            size_gb = archive.getinfo(members["image"]).file_size / 1e9
+            if size_gb > max_in_memory_gb:
+                raise GKLError(
+                    f"{path}: `image` is compressed ({size_gb:.0f} GB uncompressed) and cannot be memory-mapped; "
+                    "re-save it with np.savez (not savez_compressed)"
+                )
+            with np.load(path) as npz:
+                images = npz["image"]
+        with np.load(path) as npz:
+            labels = np.asarray(npz["label"]).astype(np.int64).reshape(-1)
+    _check_arrays(images, labels, str(path), num_classes)
+    return ArraySource(images, labels, str(path))
+
+
+def _torchvision_cifar(name: str, root: Path, train: bool, download: bool) -> ArraySource:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError:
+        if not download:
+            raise GKLError(f"{name}: not found under {root} and data.download is false; pass --data-dir DIR") from None
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except Exception as error:  # network errors come in many types
+            raise GKLError(
+                f"{name}: not found under {root} and the download failed ({type(error).__name__}: {error}); "
+                f"put the extracted dataset there or pass --data-dir DIR"
+            ) from None
+    return ArraySource(np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64), f"{name} {'train' if train else 'test'}")
+
+
+def make_synthetic(num: int, num_classes: int, image_size: int, seed: int, split: str) -> ArraySource:
+    """A small learnable dataset: each class is a smooth random colour pattern; samples are shifted,
+    contrast-jittered, noisy copies. Templates depend on `seed` only, so train and test share them."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(num_classes, 3, 4, 4, generator=gen)
+    templates = torch.nn.functional.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    sample_gen = torch.Generator().manual_seed(seed * 1000003 + (1 if split == "train" else 2))
+    labels = torch.arange(num) % num_classes
+    labels = labels[torch.randperm(num, generator=sample_gen)]
+    base = templates[labels]
+    contrast = 0.6 + 0.4 * torch.rand(num, 1, 1, 1, generator=sample_gen)
+    images = 0.5 + contrast * (base - 0.5) + 0.12 * torch.randn(base.shape, generator=sample_gen)
+    shifts = torch.randint(-2, 3, (num, 2), generator=sample_gen)
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        images[i] = torch.roll(images[i], shifts=(dy, dx), dims=(1, 2))
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return ArraySource(pixels.numpy(), labels.numpy().astype(np.int64), f"synthetic {split}")
+
+
+@dataclass
+class DataBundle:
+    """The training set, the held-out validation set, the test set (if any), the generated set."""
+
+    train: ArraySource
+    val: Optional[ArraySource]
+    test: Optional[ArraySource]
+    generated: Optional[ArraySource]
+    num_classes: int
+    dataset: str
+
+
+def _subset(source: ArraySource, indices: np.ndarray, name: str) -> ArraySource:
+    """Row subset; for memmaps only the (small) index array is materialised lazily."""
+    return ArraySource(_IndexedArray(source.images, indices), source.labels[indices], name)
+
+
+class _IndexedArray:
+    """A lazy view `array[indices]` that keeps memmaps unmaterialised."""
+
+    def __init__(self, array: Any, indices: np.ndarray):
+        self.array, self.indices = array, indices
+        self.shape = (len(indices), *array.shape[1:])
+        self.ndim, self.dtype = array.ndim, array.dtype
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.array[self.indices[i]]
+
+
+def split_validation(source: ArraySource, val_size: int) -> tuple[ArraySource, Optional[ArraySource]]:
+    """Hold out `val_size` training images (fixed seed, the same for every run) for model selection."""
+    if val_size == 0:
+        return source, None
+    if val_size >= len(source):
+        raise GKLError(f"data.val_size: {val_size} leaves no training images (the training set has {len(source)})")
+    perm = torch.randperm(len(source), generator=torch.Generator().manual_seed(_SPLIT_SEED)).numpy()
+    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    return _subset(source, train_idx, f"{source.name} (train split)"), _subset(source, val_idx, f"{source.name} (validation split)")
+
+
+def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[int] = None) -> DataBundle:
+    """Load the recipe's dataset (`cfg` is a `DataCfg`), split validation, attach generated data."""
+    root = Path(data_dir or cfg.root or "data")
+    name = cfg.dataset
+    if name in CIFAR_SIZES:
+        classes = CIFAR_SIZES[name][2]
+        train = _torchvision_cifar(name, root, True, cfg.download)
+        test = _torchvision_cifar(name, root, False, cfg.download)
+    elif name == "synthetic":
+        syn = cfg.synthetic
+        classes = syn.num_classes
+        train = make_synthetic(syn.num_train, classes, syn.image_size, syn.seed, "train")
+        test = make_synthetic(syn.num_test, classes, syn.image_size, syn.seed, "test")
+    elif name == "npz":
+        train = load_npz(cfg.path, num_classes)
+        classes = num_classes or int(train.labels.max()) + 1
+        test = load_npz(cfg.test_path, classes) if cfg.test_path else None
+    else:
+        raise GKLError(f"data.dataset: {name!r} is not available for this command (use cifar10, cifar100, npz or synthetic)")
+    if num_classes is not None and num_classes != classes:
+        raise GKLError(f"model.num_classes: {num_classes} does not match dataset {name} ({classes} classes)")
+    train, val = split_validation(train, cfg.val_size)
+    generated = load_npz(cfg.generated.path, classes) if cfg.generated.path else None
+    if generated is not None and generated.images.shape[1:] != train.images.shape[1:]:
+        raise GKLError(
+            f"data.generated.path: image shape {tuple(generated.images.shape[1:])} differs from the training set's "
+            f"{tuple(train.images.shape[1:])}"
+        )
+    return DataBundle(train, val, test, generated, classes, name)
+
+
+def train_set_sizes(cfg: Any) -> tuple[int, int]:
+    """(training images after the validation split, generated images) without loading pixels; for plans."""
+    name = cfg.dataset
+    if name in CIFAR_SIZES:
+        n = CIFAR_SIZES[name][0]
+    elif name == "synthetic":
+        n = cfg.synthetic.num_train
+    elif name == "npz":
+        n = len(load_npz(cfg.path).labels)
+    else:
+        raise GKLError(f"data.dataset: {name!r} is not available for this command")
+    gen = len(load_npz(cfg.generated.path).labels) if cfg.generated.path else 0
+    return n - cfg.val_size, gen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation: per-sample seeded, on uint8 C×H×W tensors.
+# ---------------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch (splitmix-style mixing of the three integers)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    x ^= x >> 32
+    return x & (2**63 - 1)
+
+
+def crop_flip(img: Tensor, gen: torch.Generator, padding: int = 4) -> Tensor:
+    """RandomCrop(size, padding) with zero padding, then a horizontal flip with probability ½."""
+    _, h, w = img.shape
+    padded = torch.nn.functional.pad(img, (padding,) * 4)
+    top, left = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,), generator=gen))
+    out = padded[:, top : top + h, left : left + w]
+    if torch.rand((), generator=gen) < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+class _AutoAugment:
+    """torchvision's AutoAugment with the CIFAR10 policy, made reproducible per sample.
+
+    torchvision draws from the global torch RNG, so the call runs inside `fork_rng` seeded with the
+    sample's seed: the result depends only on (seed, epoch, index), and the caller's RNG is untouched.
+    """
+
+    def __init__(self) -> None:
+        from torchvision.transforms import v2
+
+        self.transform = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+
+    def __call__(self, img: Tensor, seed: int) -> Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img)
+
+
+class TrainView(torch.utils.data.Dataset):
+    """Augmented training samples, indexed by ``(epoch, index)`` pairs from `EpochBatchSampler`.
+
+    Indices ≥ len(real) address the generated set. augment: basic (crop+flip), none, or autoaug
+    (returns the basic view *and* an independently cropped/flipped AutoAugment view).
+    """
+
+    def __init__(self, real: ArraySource, generated: Optional[ArraySource], augment: str, seed: int):
+        if augment not in ("basic", "autoaug", "none"):
+            raise GKLError(f"data.augment: {augment!r} is not supported for adversarial training (basic, autoaug, none)")
+        self.real, self.generated, self.augment, self.seed = real, generated, augment, seed
+        self._autoaug = _AutoAugment() if augment == "autoaug" else None
+
+    def __len__(self) -> int:
+        return len(self.real) + (len(self.generated) if self.generated is not None else 0)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        epoch, index = key
+        n_real = len(self.real)
+        img, label = self.real.get(index) if index < n_real else self.generated.get(index - n_real)
+        seed = sample_seed(self.seed, epoch, index)
+        gen = torch.Generator().manual_seed(seed)
+        if self.augment == "none":
+            return img, label
+        basic = crop_flip(img, gen)
+        if self._autoaug is None:
+            return basic, label
+        aug = self._autoaug(crop_flip(img, gen), seed ^ 0x5DEECE66D)
+        return basic, aug, label
+
+
+class EvalView(torch.utils.data.Dataset):
+    """Un-augmented images in canonical order (the first n of the split)."""
+
+    def __init__(self, source: ArraySource, n: Optional[int] = None):
+        self.source = source
+        self.n = len(source) if n is None else min(n, len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.source.get(index)
+
+
+def to_float(images: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:
+    """uint8 N×C×H×W → float [0, 1] on `device` (the transfer happens in uint8, 4× less traffic)."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch order: seeded per epoch, sliced per rank, resumable at any batch.
+# ---------------------------------------------------------------------------------------------------
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Global batches of ``(epoch, index)`` for one epoch; this rank gets its slice of each.
+
+    Real images are a seeded permutation per epoch. With generated data, each global batch holds
+    ``round(fraction·B)`` generated images drawn uniformly (seeded per batch) and the rest real ones;
+    an epoch is one pass over the real images. `set_epoch(epoch, start)` skips the first `start`
+    batches, which is how a resumed run continues mid-epoch.
+    """
+
+    def __init__(
+        self,
+        num_real: int,
+        batch_size: int,
+        *,
+        seed: int,
+        num_generated: int = 0,
+        generated_fraction: float = 0.0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size % world_size:
+            raise GKLError(f"data.batch_size: {batch_size} is not divisible by the {world_size} DDP processes")
+        self.num_real, self.batch_size, self.seed = num_real, batch_size, seed
+        self.num_generated = num_generated
+        self.n_gen = round(generated_fraction * batch_size) if num_generated else 0
+        self.n_real = batch_size - self.n_gen
+        if self.n_real < 1:
+            raise GKLError("data.generated.fraction: leaves no real images in a batch; use a value below 1")
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch, self.start = 1, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start
+
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.num_real, self.n_real)
+        return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _global_batch(self, perm: Tensor, k: int) -> list[Tensor]:
+        real = perm[k * self.n_real : (k + 1) * self.n_real]
+        parts = [real]
+        if self.n_gen:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 - k))
+            # scale the batch's generated share with its real share (the last batch may be short)
+            count = self.n_gen if len(real) == self.n_real else max(1, round(self.n_gen * len(real) / self.n_real))
+            parts.append(self.num_real + torch.randint(self.num_generated, (count,), generator=gen))
+        return parts
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = torch.randperm(self.num_real, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -(2**40))))
+        for k in range(self.start, self.batches_per_epoch()):
+            mine = [torch.tensor_split(part, self.world_size)[self.rank] for part in self._global_batch(perm, k)]
+            yield [(self.epoch, int(i)) for i in torch.cat(mine)]
+
+
+def make_train_loader(
+    view: TrainView, sampler: EpochBatchSampler, num_workers: int, pin_memory: bool
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        view,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def make_eval_loader(
+    source: ArraySource, n: Optional[int], batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+) -> torch.utils.data.DataLoader:
+    """Sequential batches of the first n images; under DDP each rank takes a contiguous shard."""
+    view = EvalView(source, n)
+    shard = torch.tensor_split(torch.arange(len(view)), world_size)[rank].tolist()
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(view, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )

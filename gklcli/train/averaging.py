@@ -1,0 +1,97 @@
+"""Weight averaging: the official epoch-level EMA (`swa.py`) on the fly, and DM-AT's step EMA.
+
+The released GKL-AT models are ``python swa.py workdir 0.9 1 200`` applied to 200 per-epoch files:
+avg ← w_start at the start epoch, then avg ← (1−τ)·w_e + τ·avg for every later epoch, over *all*
+state-dict entries (BatchNorm running statistics included, no recalibration). `EpochAverage` does
+this at each epoch end, so no per-epoch files are needed. Integer buffers (BN's
+`num_batches_tracked`) take the latest value instead of a float average; nothing reads them when
+BN momentum is set.
+
+`StepEMA` is the in-loop EMA of DM-AT's `WATrainer`: after every optimizer step,
+avg ← d·avg + (1−d)·w for parameters with d = min(τ, (1+n)/(10+n)), n steps since the start, and
+buffers copied from the model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+State = dict[str, Tensor]
+
+
+def _state(model: nn.Module) -> State:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class EpochAverage:
+    def __init__(self, tau: float, start_epoch: int = 1):
+        self.tau, self.start_epoch = tau, start_epoch
+        self.state: Optional[State] = None
+
+    def update_epoch(self, model: nn.Module, epoch: int) -> None:
+        if epoch < self.start_epoch:
+            return
+        if self.state is None or epoch == self.start_epoch:
+            self.state = _state(model)
+            return
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                avg = self.state[key]
+                if avg.is_floating_point():
+                    avg.copy_((1 - self.tau) * value + self.tau * avg)
+                else:
+                    avg.copy_(value)
+
+    def update_step(self, model: nn.Module, global_step: int, steps_per_epoch: int) -> None:
+        """Nothing per step."""
+
+    def state_dict(self) -> dict:
+        return {"mode": "epoch", "tau": self.tau, "start_epoch": self.start_epoch, "state": self.state}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state = saved["state"]
+
+
+class StepEMA:
+    def __init__(self, tau: float, start_epoch: int = 1):
+        self.tau, self.start_epoch = tau, start_epoch
+        self.state: Optional[State] = None
+        self.updates = 0
+
+    def update_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Nothing per epoch."""
+
+    def update_step(self, model: nn.Module, global_step: int, steps_per_epoch: int) -> None:
+        if global_step < (self.start_epoch - 1) * steps_per_epoch:
+            return
+        if self.state is None:
+            self.state, self.updates = _state(model), 0
+            return
+        self.updates += 1
+        decay = min(self.tau, (1.0 + self.updates) / (10.0 + self.updates))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                avg = self.state[key]
+                if key in params and avg.is_floating_point():
+                    avg.mul_(decay).add_(value.detach(), alpha=1 - decay)
+                else:
+                    avg.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"mode": "step", "tau": self.tau, "start_epoch": self.start_epoch, "state": self.state, "updates": self.updates}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state, self.updates = saved["state"], int(saved["updates"])
+
+
+def make_averager(cfg) -> Optional[EpochAverage | StepEMA]:
+    """From an `EmaCfg`; None when averaging is off."""
+    if cfg.mode == "epoch":
+        return EpochAverage(cfg.tau, cfg.start_epoch)
+    if cfg.mode == "step":
+        return StepEMA(cfg.tau, cfg.start_epoch)
+    return None

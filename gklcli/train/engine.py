@@ -1,0 +1,601 @@
+"""One training engine for adversarial training and distillation; the method is a pluggable `Step`.
+
+The engine owns everything that is not the loss: data order, model construction (DDP, SyncBN,
+channels_last, torch.compile), the optimizer and lr schedule, weight averaging, checkpoints and
+resume, validation and model selection, metrics, progress, and the end-of-run test evaluation.
+
+Resume guarantee: a checkpoint holds the model, optimizer, averaged weights, the step's state
+(class prior …), every RNG state, the meters of the current epoch and the position in the epoch's
+batch order. All other randomness is derived from seeds (see `gklcli.data`), so on CPU a run that
+is interrupted at any step and resumed ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import platform
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from gklcli import __version__
+from gklcli.data import DataBundle, EpochBatchSampler, TrainView, build_data, make_eval_loader, make_train_loader
+from gklcli.errors import GKLError
+from gklcli.models import create_model, get_spec
+from gklcli.recipes import Recipe
+from gklcli.train import checkpoint as ckpt
+from gklcli.train.averaging import make_averager
+from gklcli.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_flag, init_distributed
+from gklcli.train.logger import EpochProgress, MetricsLog, plot_curves
+from gklcli.train.schedule import learning_rate
+
+# Settings that may change between an interrupted run and its resume: they do not touch the maths.
+RESUME_SAFE = ("output.", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+               "train.log_every_steps", "train.save_every_steps", "eval.final_test", "eval.n_test", "meta.")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "results.json", "summary.md", "curves.png", "recipe.yaml")
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGTERM/SIGINT or `interrupt_after_steps`) after a checkpoint."""
+
+
+@dataclass
+class StepResult:
+    """What a step hands back for one batch."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor | float]  # batch means, summed over the epoch weighted by `n`
+    n: int
+    before_update: Optional[Callable[[], None]] = None  # after backward, before optimizer.step()
+    after_update: Optional[Callable[[], None]] = None  # after optimizer.step()
+
+
+class Step(Protocol):
+    """The method-specific part of training (adversarial training, distillation)."""
+
+    selection_metric: str  # the validation metric (higher is better) that picks best.pt, e.g. "val_pgd"
+
+    def begin_epoch(self, epoch: int) -> dict[str, float]: ...
+
+    def compute(self, batch: Any, epoch: int) -> StepResult: ...
+
+    def end_epoch(self, epoch: int) -> None: ...
+
+    def evaluate(self, model: nn.Module, loader: Any, prefix: str) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Context:
+    """What a step may use from the engine."""
+
+    recipe: Recipe
+    model: nn.Module  # the model to train (DDP-wrapped and/or compiled)
+    module: nn.Module  # the plain module (parameters, AWP)
+    attack_model: nn.Module  # the plain module, compiled when train.compile is on (inner attacks)
+    num_classes: int
+    env: DistEnv
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    channels_last: bool
+
+
+@dataclass
+class Meters:
+    """Sums over the current epoch (saved in mid-epoch checkpoints for exact epoch metrics)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, metrics: dict[str, Tensor | float], n: int) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
+        self.count += n
+
+    def means(self, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        totals = all_reduce_sum([self.sums[k] for k in keys] + [float(self.count)], device)
+        n = max(totals[-1], 1.0)
+        return {k: v / n for k, v in zip(keys, totals[:-1])}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def input_norm(module: nn.Module) -> Optional[dict[str, list[float]]]:
+    mean, std = getattr(module, "mean", None), getattr(module, "std", None)
+    if mean is None or std is None:
+        return None
+    return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+
+
+def configure_determinism(recipe: Recipe, env: DistEnv) -> None:
+    """Seed torch and ask for deterministic kernels where the recipe wants them."""
+    torch.manual_seed(recipe.train.seed + env.rank)
+    if recipe.train.deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, ignoring settings that are safe to change on resume."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUME_SAFE)]
+
+
+class Engine:
+    """Train `recipe` with the step built by `make_step(context)`; see `fit`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        make_step: Callable[[Context], Step],
+        *,
+        out_dir: Path,
+        data_dir: Optional[str] = None,
+        resume: bool = False,
+        quiet: bool = False,
+        device: Optional[str] = None,
+        console: Optional[Console] = None,
+    ):
+        self.recipe, self.out_dir, self.resume_requested = recipe, Path(out_dir), resume
+        self.env = init_distributed(device)
+        self.console = console or Console(stderr=False)
+        self.quiet = quiet
+        self.main = self.env.is_main
+        configure_determinism(recipe, self.env)
+        self.data: DataBundle = build_data(recipe.data, data_dir, recipe.model.num_classes)
+        self.num_classes = self.data.num_classes
+        self._build_model()
+        opt = recipe.optim
+        self.optimizer = torch.optim.SGD(
+            self.module.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
+        )
+        self.averager = make_averager(recipe.ema)
+        self.eval_module = copy.deepcopy(self.module) if self.averager is not None else self.module
+        amp = recipe.train.amp == "bf16"
+        device_type = self.env.device.type
+        self.context = Context(
+            recipe,
+            self.model,
+            self.module,
+            self.attack_model,
+            self.num_classes,
+            self.env,
+            (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext,
+            recipe.model.channels_last,
+        )
+        self.step = make_step(self.context)
+        self._build_loaders()
+        self.epoch, self.batch, self.global_step = 1, 0, 0
+        self.meters = Meters()
+        self.best: dict[str, Any] = {}
+        self.log = MetricsLog(self.out_dir, self.main, recipe.output.tensorboard)
+        self._stop_requested = False
+
+    # ----------------------------------------------------------------------------------- set-up
+
+    def _build_model(self) -> None:
+        cfg = self.recipe.model
+        module = create_model(cfg.arch, self.num_classes)
+        if cfg.sync_bn and self.env.distributed:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        module = module.to(self.env.device)
+        if cfg.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        model: nn.Module = module
+        if self.env.distributed:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        self.attack_model = module
+        if self.recipe.train.compile:
+            model = torch.compile(model)
+            self.attack_model = torch.compile(module)
+        self.model = model
+
+    def _build_loaders(self) -> None:
+        r, d = self.recipe, self.data
+        self.sampler = EpochBatchSampler(
+            len(d.train),
+            r.data.batch_size,
+            seed=r.train.seed,
+            num_generated=len(d.generated) if d.generated is not None else 0,
+            generated_fraction=r.data.generated.fraction,
+            drop_last=r.data.drop_last,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        augment = "none" if r.data.augment == "none" else r.data.augment
+        self.train_view = TrainView(d.train, d.generated, augment, r.train.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        if r.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, r.train.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise GKLError(f"data.batch_size: {r.data.batch_size} is larger than the training set ({len(d.train)} images)")
+
+    def _train_loader(self, epoch: int, start: int) -> Any:
+        self.sampler.set_epoch(epoch, start)
+        loader = make_train_loader(self.train_view, self.sampler, self.recipe.data.num_workers, self.env.device.type == "cuda")
+        # the loader draws its worker base seed from this private generator, not the global RNG,
+        # so creating a loader (at each epoch and on resume) leaves the training RNG untouched
+        loader.generator = torch.Generator().manual_seed(self.recipe.train.seed)
+        return loader
+
+    def _eval_loader(self, source: Any, n: Optional[int]) -> Any:
+        r = self.recipe
+        return make_eval_loader(source, n, r.data.eval_batch_size, r.data.num_workers, self.env.rank, self.env.world_size)
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def _deploy_state(self) -> tuple[dict[str, Tensor], str]:
+        """The weights a user evaluates/exports: the average when averaging is on and started."""
+        if self.averager is not None and self.averager.state is not None:
+            return self.averager.state, "averaged"
+        return self.module.state_dict(), "raw"
+
+    def _meta(self) -> dict[str, Any]:
+        r = self.recipe
+        return {
+            "format": ckpt.FORMAT,
+            "format_version": ckpt.FORMAT_VERSION,
+            "gkl_version": __version__,
+            "kind": r.kind,
+            "arch": get_spec(r.model.arch).name,
+            "num_classes": self.num_classes,
+            "dataset": r.data.dataset,
+            "image_size": int(self.data.train.images.shape[1]),
+            "input_norm": input_norm(self.module),
+            "recipe": r.to_dict(),
+            "recipe_hash": r.content_hash(),
+        }
+
+    def _save_last(self, finished: bool = False) -> None:
+        if not self.main:
+            return
+        state, weights = self._deploy_state()
+        payload = self._meta() | {
+            "weights": weights,
+            "model": state,
+            "epoch": self.epoch - 1 if self.batch == 0 else self.epoch,
+            "train_state": {
+                "raw_model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "averager": self.averager.state_dict() if self.averager is not None else None,
+                "step": self.step.state_dict(),
+                "rng": ckpt.rng_state(),
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "global_step": self.global_step,
+                "meters": {"sums": dict(self.meters.sums), "count": self.meters.count, "seconds": self.meters.seconds},
+                "best": dict(self.best),
+                "finished": finished,
+                "world_size": self.env.world_size,
+            },
+        }
+        ckpt.atomic_save(payload, self.out_dir / "last.pt")
+
+    def _save_best(self, epoch: int, metrics: dict[str, float]) -> None:
+        if not self.main:
+            return
+        state, weights = self._deploy_state()
+        ckpt.atomic_save(self._meta() | {"weights": weights, "model": state, "epoch": epoch, "metrics": metrics}, self.out_dir / "best.pt")
+
+    def _load(self, path: Path) -> None:
+        saved = ckpt.load_file(path)
+        if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT or "train_state" not in saved:
+            raise GKLError(f"{path}: not a gkl training checkpoint")
+        diffs = recipe_differences(saved["recipe"], self.recipe.to_dict())
+        if diffs:
+            shown = ", ".join(f"{k} ({_flatten(saved['recipe']).get(k)!r} → {_flatten(self.recipe.to_dict()).get(k)!r})" for k in diffs[:3])
+            raise GKLError(f"{path}: the recipe differs from the run being resumed: {shown}; use a new --out or --overwrite")
+        ts = saved["train_state"]
+        if ts["world_size"] != self.env.world_size and ts["batch"] != 0:
+            raise GKLError(
+                f"{path}: saved mid-epoch by {ts['world_size']} process(es); resume it with the same number "
+                f"(now {self.env.world_size}), or from an epoch-end checkpoint"
+            )
+        self.module.load_state_dict(ts["raw_model"])
+        self.optimizer.load_state_dict(ts["optimizer"])
+        if self.averager is not None and ts["averager"] is not None:
+            self.averager.load_state_dict(_to_device(ts["averager"], self.env.device))
+        self.step.load_state_dict(ts["step"])
+        ckpt.set_rng_state(ts["rng"])
+        self.epoch, self.batch, self.global_step = ts["epoch"], ts["batch"], ts["global_step"]
+        m = ts["meters"]
+        self.meters = Meters(dict(m["sums"]), int(m["count"]), float(m["seconds"]))
+        self.best = dict(ts["best"])
+        self.finished = bool(ts["finished"])
+        self.log.load(self.epoch - 1)
+
+    def _prepare_output(self) -> bool:
+        """Create or check the output directory; returns True when resuming from last.pt."""
+        last = self.out_dir / "last.pt"
+        resume = False
+        if last.is_file():
+            if self.resume_requested:
+                resume = True
+            elif self.recipe.output.overwrite:
+                if self.main:
+                    for name in RUN_FILES:
+                        (self.out_dir / name).unlink(missing_ok=True)
+            else:
+                state = ckpt.load_file(last).get("train_state", {})
+                what = "a finished run" if state.get("finished") else f"an unfinished run (epoch {state.get('epoch')})"
+                raise GKLError(f"{self.out_dir}: holds {what}; pass --resume to continue it or --overwrite to start over")
+        elif self.resume_requested and self.main:
+            self.console.print(f"[yellow]note:[/] nothing to resume in {self.out_dir}; starting a new run")
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.out_dir / "recipe.yaml", self.recipe.to_yaml())
+        barrier()
+        return resume
+
+    # ---------------------------------------------------------------------------------- training
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        self._stop_requested = True
+        if self.main:
+            self.console.print(f"[yellow]signal {signum}: stopping after this step and saving a checkpoint[/]")
+
+    def fit(self, interrupt_after_steps: Optional[int] = None) -> dict[str, Any]:
+        """Train to the end (or resume to the end) and return the results.
+
+        `interrupt_after_steps` stops after that many steps of *this call*, as if the job were
+        preempted there (used by the resume tests). SIGTERM/SIGINT do the same at the next step end.
+        """
+        self.finished = False
+        if self._prepare_output():
+            self._load(self.out_dir / "last.pt")
+            if self.finished:
+                if self.main:
+                    self.console.print(f"{self.out_dir}: this run already finished; nothing to do")
+                return json.loads((self.out_dir / "results.json").read_text())
+        handlers = _install_signal_handlers(self._request_stop)
+        try:
+            return self._loop(interrupt_after_steps)
+        finally:
+            _restore_signal_handlers(handlers)
+            self.log.close()
+
+    def _loop(self, interrupt_after_steps: Optional[int]) -> dict[str, Any]:
+        r = self.recipe
+        epochs = r.schedule.epochs
+        steps_this_call = 0
+        progress = EpochProgress(self.console, self.main and not self.quiet)
+        while self.epoch <= epochs:
+            epoch = self.epoch
+            info = self.step.begin_epoch(epoch)
+            self.model.train()
+            progress.begin(epoch, epochs, self.steps_per_epoch, self.batch)
+            tick = time.perf_counter()
+            loader = self._train_loader(epoch, self.batch)
+            for batch in loader:
+                if self.batch >= self.steps_per_epoch:
+                    break
+                lr = learning_rate(r.optim, r.schedule, epoch, self.batch, self.steps_per_epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                result = self.step.compute(batch, epoch)
+                self._check_finite(result.loss, epoch)
+                self.optimizer.zero_grad(set_to_none=True)
+                result.loss.backward()
+                if result.before_update is not None:
+                    result.before_update()
+                self.optimizer.step()
+                if result.after_update is not None:
+                    result.after_update()
+                if self.averager is not None:
+                    self.averager.update_step(self.module, self.global_step, self.steps_per_epoch)
+                self.batch += 1
+                self.global_step += 1
+                steps_this_call += 1
+                metrics = {k: float(v) for k, v in result.metrics.items()}
+                self.meters.add(metrics, result.n)
+                rate = progress.advance(result.n * self.env.world_size, f"loss {metrics.get('loss', float('nan')):.4f}")
+                stop = broadcast_flag(
+                    self._stop_requested or (interrupt_after_steps is not None and steps_this_call >= interrupt_after_steps),
+                    self.env.device,
+                )
+                if stop or (r.train.save_every_steps and self.global_step % r.train.save_every_steps == 0):
+                    self.meters.seconds += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    self._save_last()
+                if stop:
+                    progress.end()
+                    raise Interrupted(
+                        f"stopped at epoch {epoch}, step {self.batch}/{self.steps_per_epoch}; "
+                        f"checkpoint {self.out_dir / 'last.pt'}; continue with --resume"
+                    )
+            rate = progress.end()
+            self.meters.seconds += time.perf_counter() - tick
+            self._end_epoch(epoch, lr, info, rate)
+        return self._finish()
+
+    def _check_finite(self, loss: Tensor, epoch: int) -> None:
+        bad = broadcast_flag(not bool(torch.isfinite(loss.detach()).all()), self.env.device)
+        if bad:
+            last = self.out_dir / "last.pt"
+            kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+            raise GKLError(
+                f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch}, step {self.batch + 1} "
+                f"(global step {self.global_step + 1}); training stopped, {kept}"
+            )
+
+    def _end_epoch(self, epoch: int, lr: float, info: dict[str, float], rate: float) -> None:
+        r = self.recipe
+        self.step.end_epoch(epoch)
+        if self.averager is not None:
+            self.averager.update_epoch(self.module, epoch)
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr, **info}
+        record.update({f"train_{k}": v for k, v in self.meters.means(self.env.device).items()})
+        record["img_s"] = self.meters.count * self.env.world_size / max(self.meters.seconds, 1e-9)
+        record["seconds"] = self.meters.seconds
+        if self.data.val is not None and (epoch % r.eval.every_epochs == 0 or epoch == r.schedule.epochs):
+            val = self._evaluate(self.data.val, r.eval.n_val, "val")
+            record.update(val)
+            key = self.step.selection_metric
+            if key in val and (not self.best or val[key] > self.best["value"]):
+                self.best = {"epoch": epoch, "metric": key, "value": val[key]}
+                self._save_best(epoch, val)
+        self.log.append(record)
+        if self.main:
+            self.console.print(epoch_line(record, r.schedule.epochs))
+            if r.output.plots:
+                plot_curves(self.log.records, self.out_dir / "curves.png", f"{r.meta.name}: {r.meta.description}")
+        self.epoch, self.batch = epoch + 1, 0
+        self.meters = Meters()
+        self._save_last()
+
+    @contextlib.contextmanager
+    def _weights(self, state: dict[str, Tensor]):
+        """`eval_module` carrying `state` (the average, or best.pt's weights)."""
+        if self.eval_module is self.module:
+            saved = {k: v.clone() for k, v in self.module.state_dict().items()}
+            self.module.load_state_dict(state)
+            try:
+                yield self.module
+            finally:
+                self.module.load_state_dict(saved)
+        else:
+            self.eval_module.load_state_dict(state)
+            yield self.eval_module
+
+    def _evaluate(self, source: Any, n: Optional[int], prefix: str, state: Optional[dict[str, Tensor]] = None) -> dict[str, float]:
+        """Evaluate the deployable weights (or `state`) with a fixed seed, leaving the training RNG alone."""
+        weights = state if state is not None else self._deploy_state()[0]
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self._weights(weights) as model:
+            torch.manual_seed(self.recipe.train.seed + 7919 + self.env.rank)
+            return self.step.evaluate(model, self._eval_loader(source, n), prefix)
+
+    def _finish(self) -> dict[str, Any]:
+        r = self.recipe
+        deploy, weights = self._deploy_state()
+        results: dict[str, Any] = {
+            "recipe": r.meta.name,
+            "table": r.meta.table,
+            "row": r.meta.row,
+            "out_dir": str(self.out_dir),
+            "epochs": r.schedule.epochs,
+            "weights": weights,
+            "selection": self.best,
+            "last": {k: v for k, v in (self.log.records[-1] if self.log.records else {}).items() if k.startswith("val_")},
+            "best": {},
+            "train_seconds": sum(rec.get("seconds", 0.0) for rec in self.log.records),
+            "device": _device_name(self.env.device),
+            "world_size": self.env.world_size,
+            "versions": {"gkl": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+        best_path = self.out_dir / "best.pt"
+        best_state = None
+        if self.best:
+            barrier()
+            best_state = _to_device(ckpt.load_file(best_path)["model"], self.env.device)
+            results["best"] = {"epoch": self.best["epoch"]} | ckpt.load_file(best_path)["metrics"]
+        if r.eval.final_test and self.data.test is not None:
+            results["last"].update(self._evaluate(self.data.test, r.eval.n_test, "test", deploy))
+            if best_state is not None:
+                results["best"].update(self._evaluate(self.data.test, r.eval.n_test, "test", best_state))
+        self._save_last(finished=True)
+        if self.main:
+            ckpt.atomic_write_text(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            ckpt.atomic_write_text(self.out_dir / "summary.md", summary_markdown(results))
+        return results
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One compact console line per epoch (the full record is in metrics.jsonl)."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}"]
+    if "eps" in record:
+        parts.append(f"ε {record['eps'] * 255:.2f}/255×{int(record['attack_steps'])}")
+    parts.append(f"loss {record.get('train_loss', float('nan')):.4f}")
+    for label, keys in (("train nat/adv", ("train_acc_nat", "train_acc_adv")), ("val clean/pgd", ("val_clean", "val_pgd"))):
+        values = [f"{record[k]:.1f}" for k in keys if k in record]
+        if values:
+            parts.append(f"{label if len(values) == 2 else label.split('/')[0]} {'/'.join(values)}")
+    parts.append(f"{record['img_s']:,.0f} img/s, {record['seconds']:.0f}s")
+    return " | ".join(parts)
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """A short human-readable report of a finished run."""
+    keys = sorted({k for part in ("last", "best") for k in results.get(part, {}) if k != "epoch"})
+    lines = [
+        f"# {results['recipe']}",
+        "",
+        f"{results['epochs']} epochs, {results['weights']} weights, {results['device']} × {results['world_size']}, "
+        f"{results['train_seconds'] / 3600:.2f} h of training.",
+        "",
+        "| model | epoch | " + " | ".join(keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for part in ("last", "best"):
+        row = results.get(part) or {}
+        if not row:
+            continue
+        epoch = row.get("epoch", results["epochs"] if part == "last" else "-")
+        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else "-" for k in keys]
+        lines.append(f"| {part} | {epoch} | " + " | ".join(cells) + " |")
+    lines += ["", "Accuracies in %. `best` is selected on the held-out validation split, never on the test set.", ""]
+    return "\n".join(lines)
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _install_signal_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """SIGTERM (cluster preemption) and SIGINT stop at the next step end with a checkpoint."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. inside some test runners)
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
