@@ -146,7 +146,7 @@ def make_synthetic(num: int, num_classes: int, image_size: int, seed: int, split
     labels = labels[torch.randperm(num, generator=sample_gen)]
     base = templates[labels]
     contrast = 0.6 + 0.4 * torch.rand(num, 1, 1, 1, generator=sample_gen)
-    images = 0.5 + contrast * (base - 0.5) + 0.12 * torch.randn(base.shape, generator=sample_gen)
+    images = 0.5 + 0.4 * contrast * (base - 0.5) + 0.16 * torch.randn(base.shape, generator=sample_gen)
     shifts = torch.randint(-2, 3, (num, 2), generator=sample_gen)
     for i, (dy, dx) in enumerate(shifts.tolist()):
         images[i] = torch.roll(images[i], shifts=(dy, dx), dims=(1, 2))
@@ -219,6 +219,8 @@ def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[i
     if num_classes is not None and num_classes != classes:
         raise GKLError(f"model.num_classes: {num_classes} does not match dataset {name} ({classes} classes)")
     train, val = split_validation(train, cfg.val_size)
+    if cfg.generated.required and not cfg.generated.path:
+        raise GKLError("data.generated.path: this recipe trains on generated images; pass --set data.generated.path=FILE.npz")
     generated = load_npz(cfg.generated.path, classes) if cfg.generated.path else None
     if generated is not None and generated.images.shape[1:] != train.images.shape[1:]:
         raise GKLError(

@@ -64,6 +64,7 @@ class GeneratedCfg:
 
     path: Optional[str] = None
     fraction: float = _num(0.7, 0.0, 1.0)  # share of each batch drawn from the generated set
+    required: bool = False  # the recipe is meaningless without it: training refuses to start
 
 
 @dataclass

@@ -15,7 +15,7 @@ from gklcli.train.schedule import learning_rate
 
 
 def _e255(value: float) -> str:
-    return f"{value * 255:.3g}/255"
+    return f"{value * 255:.3g}"
 
 
 def at_segments(recipe: Recipe) -> list[dict[str, Any]]:
@@ -89,17 +89,17 @@ def print_plan(plan: dict[str, Any], recipe: Recipe, console: Console) -> None:
     if not plan["segments"]:
         return
     table = Table(title=f"attack schedule ({recipe.attack.schedule}, loss {recipe.attack.loss})", header_style="bold")
-    for column in ("epochs", "ε_t", "steps", "step size", "AWP", "lr"):
+    for column in ("epochs", "ε_t ×255", "steps", "step ×255", "AWP", "lr"):
         table.add_column(column, no_wrap=True)
     for seg in plan["segments"]:
         a, b = seg["epochs"]
-        span = lambda pair, fmt: fmt(pair[0]) if pair[0] == pair[1] else f"{fmt(pair[0])} → {fmt(pair[1])}"  # noqa: E731
+        span = lambda pair, fmt: fmt(pair[0]) if pair[0] == pair[1] else f"{fmt(pair[0])}→{fmt(pair[1])}"  # noqa: E731
         table.add_row(
             f"{a}" if a == b else f"{a}–{b}",
             span(seg["eps"], _e255),
             str(seg["attack_steps"]),
             span(seg["step_size"], _e255),
             "on" if seg["awp"] else "off",
-            span(seg["lr"], lambda v: f"{v:.4g}"),
+            span(seg["lr"], lambda v: f"{v:.3g}"),
         )
     console.print(table)
