@@ -7,6 +7,7 @@ shows the traceback as well. Heavy imports (torch) happen inside the commands so
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -143,6 +144,8 @@ def train_at_cmd(
     except Interrupted as stop:
         err.print(f"[yellow]interrupted:[/yellow] {escape(str(stop))}")
         raise typer.Exit(3)
+    if os.environ.get("RANK", "0") != "0":
+        return
     out.print(f"results: {out_dir}/results.json, summary: {out_dir}/summary.md")
     best, last = results.get("best", {}), results.get("last", {})
     for name, row in (("last", last), ("best", best)):

@@ -83,6 +83,27 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def all_equal(value: float, device: torch.device) -> bool:
+    """Whether every rank passed the same number (exact comparison)."""
+    if not is_distributed():
+        return True
+    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0].item() == -t[1].item())
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them at the start of each forward, so after the last forward of an epoch every
+    rank holds statistics updated with its own shard; syncing before averaging, validation and
+    checkpointing makes all ranks (and the saved file) agree.
+    """
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

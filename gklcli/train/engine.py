@@ -33,7 +33,9 @@ from gklcli.models import create_model, get_spec
 from gklcli.recipes import Recipe
 from gklcli.train import checkpoint as ckpt
 from gklcli.train.averaging import make_averager
-from gklcli.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_flag, init_distributed
+from gklcli.train.distributed import (
+    DistEnv, all_equal, all_reduce_sum, barrier, broadcast_buffers, broadcast_flag, init_distributed,
+)
 from gklcli.train.logger import EpochProgress, MetricsLog, plot_curves
 from gklcli.train.schedule import learning_rate
 
@@ -215,7 +217,7 @@ class Engine:
         model: nn.Module = module
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+            model = nn.parallel.DistributedDataParallel(module, device_ids=ids)  # rank 0's BN buffers each forward
         self.attack_model = module
         if self.recipe.train.compile:
             model = torch.compile(model)
@@ -450,9 +452,19 @@ class Engine:
                 f"(global step {self.global_step + 1}); training stopped, {kept}"
             )
 
+    def _check_ranks_agree(self, epoch: int) -> None:
+        """Under DDP every rank must hold the same weights; a silent divergence would poison results."""
+        if not self.env.distributed:
+            return
+        broadcast_buffers(self.module)
+        checksum = sum(float(t.double().sum()) for t in self.module.state_dict().values() if t.is_floating_point())
+        if not all_equal(checksum, self.env.device):
+            raise GKLError(f"epoch {epoch}: the DDP ranks hold different weights (checksums disagree); stopping")
+
     def _end_epoch(self, epoch: int, lr: float, info: dict[str, float], rate: float) -> None:
         r = self.recipe
         self.step.end_epoch(epoch)
+        self._check_ranks_agree(epoch)
         if self.averager is not None:
             self.averager.update_epoch(self.module, epoch)
         record: dict[str, Any] = {"epoch": epoch, "lr": lr, **info}

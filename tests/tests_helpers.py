@@ -1,0 +1,16 @@
+"""Shared settings for tests that train: a tiny model on tiny synthetic data."""
+
+TINY_OVERRIDES = [
+    "model.arch=resnet8",
+    "data.dataset=synthetic",
+    "data.synthetic.num_train=112",
+    "data.synthetic.num_test=32",
+    "data.synthetic.image_size=8",
+    "data.synthetic.num_classes=4",
+    "data.val_size=16",
+    "data.batch_size=16",
+    "data.eval_batch_size=32",
+    "data.num_workers=0",
+    "eval.pgd_steps=2",
+    "output.tensorboard=false",
+]
