@@ -194,7 +194,7 @@ class TrainCfg:
     compile: bool = False
     deterministic: bool = True
     save_every_steps: int = _num(0, 0)  # 0: checkpoint at epoch ends only
-    log_every_steps: int = _num(50, 1)
+    log_every_steps: int = _num(50, 1)  # --quiet: a progress line every N steps
     max_steps_per_epoch: Optional[int] = _num(None, 1)  # truncate epochs (smoke runs)
 
 

@@ -193,3 +193,28 @@ def test_every_at_recipe_runs_three_steps(tmp_path, name):
     results = train_at(recipe, out_dir=tmp_path / "run", quiet=True)
     assert weights(tmp_path / "run" / "last.pt")["train_state"]["global_step"] == 3
     assert 0.0 <= results["last"]["val_clean"] <= 100.0
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    """A preempted job (SIGTERM) stops after the current step with a checkpoint and exit code 3."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    sets = sum((["--set", s] for s in [*TINY, "schedule.epochs=6", "train.save_every_steps=1"]), [])
+    cmd = [sys.executable, "-m", "gklcli", "train-at", "quickstart", "--out", str(out), "-q", *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    assert "interrupted" in stderr and "--resume" in stderr
+    state = weights(out / "last.pt")["train_state"]
+    assert not state["finished"] and state["global_step"] >= 1
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert weights(out / "last.pt")["train_state"]["finished"]

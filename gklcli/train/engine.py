@@ -404,25 +404,18 @@ class Engine:
                 if self.batch >= self.steps_per_epoch:
                     break
                 lr = learning_rate(r.optim, r.schedule, epoch, self.batch, self.steps_per_epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                result = self.step.compute(batch, epoch)
-                self._check_finite(result.loss, epoch)
-                self.optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
-                if result.before_update is not None:
-                    result.before_update()
-                self.optimizer.step()
-                if result.after_update is not None:
-                    result.after_update()
-                if self.averager is not None:
-                    self.averager.update_step(self.module, self.global_step, self.steps_per_epoch)
+                result = self.train_step(batch, epoch, lr)
                 self.batch += 1
                 self.global_step += 1
                 steps_this_call += 1
                 metrics = {k: float(v) for k, v in result.metrics.items()}
                 self.meters.add(metrics, result.n)
                 rate = progress.advance(result.n * self.env.world_size, f"loss {metrics.get('loss', float('nan')):.4f}")
+                if self.main and self.quiet and self.batch % r.train.log_every_steps == 0:
+                    self.console.print(
+                        f"epoch {epoch} step {self.batch}/{self.steps_per_epoch} | lr {lr:.4g} | "
+                        f"loss {metrics.get('loss', float('nan')):.4f} | {rate:,.0f} img/s"
+                    )
                 stop = broadcast_flag(
                     self._stop_requested or (interrupt_after_steps is not None and steps_this_call >= interrupt_after_steps),
                     self.env.device,
@@ -441,6 +434,23 @@ class Engine:
             self.meters.seconds += time.perf_counter() - tick
             self._end_epoch(epoch, lr, info, rate)
         return self._finish()
+
+    def train_step(self, batch: Any, epoch: int, lr: float) -> StepResult:
+        """One optimisation step: the method's loss, backward, update hooks, optimizer, averaging."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        result = self.step.compute(batch, epoch)
+        self._check_finite(result.loss, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        if result.before_update is not None:
+            result.before_update()
+        self.optimizer.step()
+        if result.after_update is not None:
+            result.after_update()
+        if self.averager is not None:
+            self.averager.update_step(self.module, self.global_step, self.steps_per_epoch)
+        return result
 
     def _check_finite(self, loss: Tensor, epoch: int) -> None:
         bad = broadcast_flag(not bool(torch.isfinite(loss.detach()).all()), self.env.device)
@@ -537,10 +547,10 @@ class Engine:
             results["last"].update(self._evaluate(self.data.test, r.eval.n_test, "test", deploy))
             if best_state is not None:
                 results["best"].update(self._evaluate(self.data.test, r.eval.n_test, "test", best_state))
-        self._save_last(finished=True)
-        if self.main:
+        if self.main:  # results first: a checkpoint marked finished always has its results.json
             ckpt.atomic_write_text(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
             ckpt.atomic_write_text(self.out_dir / "summary.md", summary_markdown(results))
+        self._save_last(finished=True)
         return results
 
 
