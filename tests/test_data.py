@@ -146,3 +146,18 @@ def test_autoaug_view_returns_basic_and_augmented():
     basic2, aug2, _ = view[(1, 2)]
     assert torch.equal(basic, basic2) and torch.equal(aug, aug2)
     assert basic.shape == aug.shape == (3, 32, 32) and label == src.labels[2]
+
+
+def test_batches_do_not_depend_on_the_number_of_workers():
+    from gklcli.data import make_train_loader
+
+    src = make_synthetic(40, 4, 8, 0, "train")
+    view = TrainView(src, None, "basic", seed=5)
+
+    def batches(workers):
+        sampler = EpochBatchSampler(40, 8, seed=5)
+        sampler.set_epoch(3)
+        return [b for b in make_train_loader(view, sampler, workers, pin_memory=False)]
+
+    for (x0, y0), (x2, y2) in zip(batches(0), batches(2)):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)

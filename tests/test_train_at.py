@@ -171,11 +171,21 @@ def test_dry_run_prints_plan_without_training(tmp_path, capsys):
         (["train-at", "quickstart", "--set", "loss.gamma=2"], "loss.gamma: must be <= 1"),
         (["train-at", "cifar100_50m", "--set", "data.dataset=synthetic", "--set", "model.arch=resnet8"], "data.generated.path: this recipe trains on generated images"),
         (["train-at", "quickstart", "--set", "data.dataset=npz", "--set", "data.path=/no/such.npz"], "/no/such.npz: npz file not found"),
+        (["train-at", "quickstart", "--set", "data.dataset=cifar10", "--set", "data.download=false", "--data-dir", "/nonexistent"],
+         "cifar10: not found under /nonexistent and data.download is false"),
+        (["train-at", "quickstart", "--set", "data.batch_size=4096", "--set", "data.drop_last=true"], "data.batch_size: 4096 is larger than the training set"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     code, _, stderr = run_cli(capsys, *args, "--out", str(tmp_path / "o"))
     assert code == 2 and message in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 2
+
+
+def test_bf16_autocast_and_channels_last_train(tmp_path):
+    recipe = tiny("train.amp=bf16", "model.channels_last=true", "schedule.epochs=2", "train.max_steps_per_epoch=3")
+    results = train_at(recipe, out_dir=tmp_path, quiet=True)
+    assert weights(tmp_path / "last.pt")["train_state"]["global_step"] == 6
+    assert math.isfinite(results["last"]["val_clean"])
 
 
 AT_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if load_recipe(p).kind == "at")

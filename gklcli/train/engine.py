@@ -410,7 +410,8 @@ class Engine:
                 steps_this_call += 1
                 metrics = {k: float(v) for k, v in result.metrics.items()}
                 self.meters.add(metrics, result.n)
-                rate = progress.advance(result.n * self.env.world_size, f"loss {metrics.get('loss', float('nan')):.4f}")
+                accuracy = " ".join(f"{k.removeprefix('acc_')} {v:.1f}%" for k, v in metrics.items() if k.startswith("acc_"))
+                rate = progress.advance(result.n * self.env.world_size, f"loss {metrics.get('loss', float('nan')):.4f} {accuracy}")
                 if self.main and self.quiet and self.batch % r.train.log_every_steps == 0:
                     self.console.print(
                         f"epoch {epoch} step {self.batch}/{self.steps_per_epoch} | lr {lr:.4g} | "
