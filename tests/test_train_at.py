@@ -38,7 +38,8 @@ def weights(path) -> dict:
 
 def test_cli_trains_and_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train-at", "quickstart", "--out", str(out), "-q", *sum((["--set", s] for s in TINY), []), "--set", "schedule.epochs=2"]
+    sets = sum((["--set", s] for s in [*TINY, "schedule.epochs=2", "output.tensorboard=true"]), [])
+    args = ["train-at", "quickstart", "--out", str(out), "-q", *sets]
     code, stdout, stderr = run_cli(capsys, *args)
     assert code == 0, stderr
     for name in ("recipe.yaml", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt", "curves.png", "results.json", "summary.md"):
@@ -49,6 +50,7 @@ def test_cli_trains_and_writes_every_output(tmp_path, capsys):
         assert key in records[0], key
     assert records[1]["eps"] == pytest.approx(8 / 255) and records[0]["eps"] == pytest.approx(4 / 255)
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,lr,eps")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # the test extra installs tensorboard
     results = json.loads((out / "results.json").read_text())
     assert {"val_clean", "val_pgd", "test_clean", "test_pgd"} <= set(results["last"])
     assert results["best"]["epoch"] in (1, 2) and results["selection"]["metric"] == "val_pgd"
