@@ -364,6 +364,8 @@ class Engine:
     # ---------------------------------------------------------------------------------- training
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to end
         self._stop_requested = True
         if self.main:
             self.console.print(f"[yellow]signal {signum}: stopping after this step and saving a checkpoint[/]")
