@@ -153,6 +153,91 @@ def train_at_cmd(
             out.print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
 
 
+def _parse_list(text: Optional[str], what: str, convert) -> list:
+    if not text:
+        return []
+    try:
+        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+    except (ValueError, GKLError):
+        raise GKLError(f"{what} {text}: expected a comma-separated list") from None
+
+
+def _eps(text: str) -> float:
+    from gklcli.recipes import _to_float
+
+    value = _to_float(text, "eps", {"eps": "--eps"})
+    if value <= 0:
+        raise GKLError(f"--eps {text}: must be > 0")
+    return value
+
+
+@app.command("eval-aa")
+def eval_aa_cmd(
+    ckpt: Optional[str] = typer.Argument(None, help="A gkl checkpoint, a RobustBench-format file or a plain state dict."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for files that do not record it (see gkl models)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count when it cannot be read from the weights."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10, cifar100, npz:PATH or synthetic (default: the checkpoint's)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset root (default ./data)."),
+    n_ex: int = typer.Option(10000, "--n-ex", min=1, help="Evaluate the first N test images (canonical order, as RobustBench)."),
+    batch_size: int = typer.Option(500, "--batch-size", min=1, help="AutoAttack batch size."),
+    eps: str = typer.Option("8/255", "--eps", help="Perturbation size, e.g. 8/255 or 0.5."),
+    norm: str = typer.Option("Linf", "--norm", help="Linf or L2."),
+    version: str = typer.Option("standard", "--version", help="standard, plus, rand or custom."),
+    attacks: Optional[str] = typer.Option(None, "--attacks", help="With --version custom: e.g. apgd-ce,apgd-t."),
+    seed: int = typer.Option(0, "--seed", help="AutoAttack seed (and PGD/CW starts)."),
+    chunk_size: int = typer.Option(0, "--chunk-size", min=0, help="Images per resumable chunk (0: one pyautoattack call for all)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: evaluate every n-th chunk starting at i (needs --chunk-size)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Output directory (default evals/<checkpoint or model name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip chunks already finished in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing evaluation in --out."),
+    merge_dirs: List[str] = typer.Option([], "--merge", help="Combine finished shard directories into --out (repeatable)."),
+    eps_list: Optional[str] = typer.Option(None, "--eps-list", help="Also run AutoAttack at these ε, e.g. 2/255,4/255,6/255."),
+    pgd: Optional[str] = typer.Option(None, "--pgd", help="Also PGD with these step counts, e.g. 10,20 (CE, step 2/255)."),
+    cw: Optional[str] = typer.Option(None, "--cw", help="Also CW (margin loss) PGD with these step counts, e.g. 10,20."),
+    individual: bool = typer.Option(False, "--individual", help="Also each attack alone on all points (per-attack robustness)."),
+    robustbench_model: Optional[str] = typer.Option(None, "--robustbench-model", help="Evaluate a RobustBench zoo model from --model-dir."),
+    model_dir: str = typer.Option("models", "--model-dir", help="RobustBench models directory (<dir>/<dataset>/<threat>/<name>.pt)."),
+    no_guards: bool = typer.Option(False, "--no-guards", help="Skip the pre-evaluation guards (recorded in the results)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """AutoAttack (pyautoattack) robustness with guards, resumable chunks and shards; also PGD/CW and ε sweeps."""
+    from pathlib import Path
+
+    from gklcli.evaluate import run_cli_evaluation
+
+    if merge_dirs:
+        from gklcli.evaluate import write_results
+
+        target = Path(out_dir or merge_dirs[0])
+        results = write_results(target, [Path(d) for d in merge_dirs], {"merged_from": merge_dirs})
+    else:
+        if norm not in ("Linf", "L2"):
+            raise GKLError(f"--norm {norm}: use Linf or L2")
+        if version not in ("standard", "plus", "rand", "custom"):
+            raise GKLError(f"--version {version}: use standard, plus, rand or custom")
+        attack_list = _parse_list(attacks, "--attacks", str)
+        if (version == "custom") != bool(attack_list):
+            raise GKLError("--attacks goes with --version custom (and custom needs --attacks)")
+        if (ckpt is None) == (robustbench_model is None):
+            raise GKLError("give a checkpoint file or --robustbench-model NAME (one of them)")
+        results = run_cli_evaluation(
+            ckpt=ckpt, arch=arch, num_classes=num_classes, dataset=dataset, data_dir=data_dir, n_ex=n_ex,
+            batch_size=batch_size, eps=_eps(eps), norm=norm, version=version, attacks=attack_list or None, seed=seed,
+            chunk_size=chunk_size, shard=shard, out_dir=out_dir, resume=resume, overwrite=overwrite,
+            eps_list=_parse_list(eps_list, "--eps-list", _eps), pgd=_parse_list(pgd, "--pgd", int),
+            cw=_parse_list(cw, "--cw", int), individual=individual, robustbench_model=robustbench_model,
+            model_dir=model_dir, guards=not no_guards, device=device, console=None if quiet else err,
+        )
+        if results is None:
+            out.print("this shard is done; combine the shards with: gkl eval-aa --merge DIR [--merge DIR ...] --out DIR")
+            return
+    line = f"clean {results['clean_acc']:.2f}% | AutoAttack ({results['version']}, ε {results['eps']}) {results['robust_acc']:.2f}%"
+    out.print(line + f" on {results['n_ex']} images")
+    for name, acc in results["other_attacks"].items():
+        out.print(f"{name.upper()}: {acc:.2f}%")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point. Typer handles usage errors itself (exit 2, with the usage);
     a `GKLError` raised by a command becomes one red line and exit code 2."""

@@ -1,0 +1,538 @@
+"""Robustness evaluation: AutoAttack (the official `pyautoattack`), PGD and CW, with guards,
+resumable chunks, shards and merging.
+
+The evaluation set is the first `n_ex` test images in canonical order (as RobustBench). It is cut
+into chunks of `chunk_size` images (0: one chunk). Each chunk is one direct call of pyautoattack
+(`AutoAttack(...).run_standard_evaluation`), so for `chunk_size = 0` the robust accuracy is exactly
+the number pyautoattack gives when called on the same model, data, ε, version, seed and batch size.
+(AutoAttack seeds its random starts per batch, so how points are grouped into batches, and hence
+chunks, moves borderline points; results record the chunk size, and shards + merge reproduce a
+one-process run with the same chunk size exactly.)
+
+Each finished chunk is written atomically with per-example flags (clean, robust per ε, per extra
+attack). `--resume` skips finished chunks; `--shard i/n` takes every n-th chunk; `merge` combines
+the chunk files of any number of directories into the final results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gklcli import __version__
+from gklcli.attacks import ce_attack_loss, pgd_linf
+from gklcli.errors import GKLError
+from gklcli.loading import LoadedModel
+from gklcli.train.checkpoint import atomic_save, atomic_write_text, load_file
+
+AA_STAGE = re.compile(r"^(\S+) - \d+/\d+ - (\d+) out of \d+ successfully perturbed")
+MANIFEST_KEYS = ("model_sha256", "dataset", "n_ex", "eps", "norm", "version", "attacks", "seed", "batch_size",
+                 "chunk_size", "eps_list", "pgd", "cw", "individual", "guards")
+
+
+def format_eps(eps: float) -> str:
+    """8/255 style when ε is a whole number of 1/255 steps, else the decimal."""
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+@dataclass
+class EvalConfig:
+    """Everything that determines the numbers (the manifest) plus how to run."""
+
+    dataset: str
+    n_ex: int = 10000
+    batch_size: int = 500
+    eps: float = 8 / 255
+    norm: str = "Linf"
+    version: str = "standard"
+    attacks: Optional[list[str]] = None  # version custom
+    seed: int = 0
+    chunk_size: int = 0  # 0: the whole evaluation set in one pyautoattack call
+    eps_list: list[float] = field(default_factory=list)  # extra AutoAttack runs (Table XIV)
+    pgd: list[int] = field(default_factory=list)  # PGD-k, CE, ε, step 2/255, uniform start (Table XV)
+    cw: list[int] = field(default_factory=list)  # CW-k: PGD on the CW margin loss
+    step_size: float = 2 / 255
+    individual: bool = False  # per-attack robust accuracy, each attack on all points
+    guards: bool = True
+
+
+def manifest(cfg: EvalConfig, model_sha256: str) -> dict[str, Any]:
+    m = {k: v for k, v in asdict(cfg).items() if k in MANIFEST_KEYS}
+    m["model_sha256"] = model_sha256
+    return {k: m[k] for k in MANIFEST_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_eval_data(spec: Optional[str], loaded: LoadedModel, data_dir: Optional[str], n_ex: int) -> tuple[Tensor, Tensor, str]:
+    """The first `n_ex` test images (float [0,1], N×C×H×W) and labels, and the dataset's name."""
+    from gklcli.data import CIFAR_SIZES, _torchvision_cifar, load_npz, make_synthetic
+
+    spec = spec or loaded.dataset
+    if spec is None:
+        raise GKLError("--dataset is needed: the checkpoint does not record its dataset (cifar10, cifar100 or npz:PATH)")
+    root = Path(data_dir or "data")
+    if spec in CIFAR_SIZES:
+        source = _torchvision_cifar(spec, root, False, True)
+    elif spec.startswith("npz:"):
+        source = load_npz(spec[4:], loaded.num_classes)
+    elif spec == "synthetic":
+        syn = (loaded.meta.get("recipe") or {}).get("data", {}).get("synthetic")
+        if syn is None:
+            raise GKLError("--dataset synthetic: only for gkl checkpoints trained on synthetic data (their recipe defines it)")
+        source = make_synthetic(syn["num_test"], syn["num_classes"], syn["image_size"], syn["seed"], "test")
+    else:
+        raise GKLError(f"--dataset {spec}: use cifar10, cifar100, npz:PATH or synthetic")
+    n = min(n_ex, len(source))
+    images = torch.from_numpy(np.asarray(source.images[:n])).permute(0, 3, 1, 2).float().div_(255.0)
+    labels = torch.from_numpy(np.asarray(source.labels[:n])).long()
+    if len(labels) and int(labels.max()) >= loaded.num_classes:
+        raise GKLError(f"{spec}: labels go up to {int(labels.max())} but the model has {loaded.num_classes} classes")
+    return images.contiguous(), labels, spec
+
+
+# ---------------------------------------------------------------------------------------------------
+# Guards: refuse to report numbers that would not mean what they say.
+# ---------------------------------------------------------------------------------------------------
+
+_DATA_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+@torch.no_grad()
+def run_guards(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, dataset: str, device: torch.device) -> dict[str, Any]:
+    """Checks before any number: eval mode, class count, determinism, batch-size invariance, and that
+    the model takes [0,1] inputs (normalisation inside). Raises GKLError naming the failed guard."""
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise GKLError(f"guard: the model stays in training mode after .eval() ({', '.join(training[:3])}); results would depend on the batch")
+    n = min(len(x), 256)
+    xb, yb = x[:n].to(device), y[:n].to(device)
+    if xb.min() < 0 or xb.max() > 1:
+        raise GKLError("guard: evaluation inputs must lie in [0, 1]")
+    first = model(xb).float()
+    if first.dim() != 2 or first.shape[1] != num_classes:
+        raise GKLError(f"guard: the model returns shape {tuple(first.shape)}, the data has {num_classes} classes")
+    second = model(xb).float()
+    scale = 1.0 + float(first.abs().max())
+    repeat_diff = float((first - second).abs().max())
+    if repeat_diff > 1e-4 * scale:
+        raise GKLError(f"guard: the forward pass is not deterministic (logits differ by {repeat_diff:.3g} between two identical calls)")
+    half = max(1, n // 2)
+    split = torch.cat([model(xb[:half]).float(), model(xb[half:]).float()]) if n > 1 else first
+    batch_diff = float((first - split).abs().max())
+    if batch_diff > 1e-3 * scale:
+        raise GKLError(f"guard: logits depend on the batch (differ by {batch_diff:.3g} when the batch is split); is BatchNorm in train mode?")
+    raw_acc = float((first.argmax(1) == yb).float().mean())
+    mean, std = _DATA_STATS.get(dataset, (tuple(x[:n].mean((0, 2, 3)).tolist()), tuple(x[:n].std((0, 2, 3)).tolist())))
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    normalised_acc = float((model((xb - m) / s).argmax(1) == yb).float().mean())
+    chance = 1.0 / num_classes
+    if normalised_acc >= raw_acc + 0.2 and raw_acc < 2 * chance:
+        raise GKLError(
+            f"guard: the model seems to expect normalised inputs ({100 * raw_acc:.1f}% on [0,1] images vs "
+            f"{100 * normalised_acc:.1f}% after normalising); put the normalisation inside the model"
+        )
+    return {"eval_mode": True, "repeat_max_diff": repeat_diff, "batch_split_max_diff": batch_diff,
+            "acc_raw_inputs": 100 * raw_acc, "acc_normalised_inputs": 100 * normalised_acc, "num_classes": num_classes}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attacks on one chunk
+# ---------------------------------------------------------------------------------------------------
+
+
+class _StageCounter(logging.Handler):
+    """Counts, per attack, the points pyautoattack reports as successfully perturbed (its DEBUG log)."""
+
+    def __init__(self, on_line: Optional[Callable[[str], None]] = None):
+        super().__init__(logging.DEBUG)
+        self.removed: dict[str, int] = {}
+        self.order: list[str] = []
+        self.on_line = on_line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        match = AA_STAGE.match(message)
+        if match:
+            attack = match.group(1)
+            if attack not in self.removed:
+                self.order.append(attack)
+                self.removed[attack] = 0
+            self.removed[attack] += int(match.group(2))
+        if self.on_line is not None:
+            self.on_line(message)
+
+
+def _autoattack(model: nn.Module, cfg: EvalConfig, eps: float, device: torch.device) -> Any:
+    from pyautoattack import AutoAttack
+
+    attacks = cfg.attacks if cfg.version == "custom" else None
+    return AutoAttack(model, attacks=attacks, device=device, eps=eps, norm=cfg.norm, seed=cfg.seed, version=cfg.version)
+
+
+def autoattack_flags(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, eps: float, device: torch.device,
+    on_line: Optional[Callable[[str], None]] = None,
+) -> tuple[Tensor, dict[str, int], float]:
+    """Robust flags of one direct pyautoattack call, the points each attack removed, max perturbation."""
+    logger = logging.getLogger("auto-attack")
+    counter = _StageCounter(on_line)
+    level = logger.level
+    logger.addHandler(counter)
+    logger.setLevel(logging.DEBUG)
+    try:
+        x_adv, y_adv = _autoattack(model, cfg, eps, device).run_standard_evaluation(x, y, batch_size=cfg.batch_size)
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
+    delta = (x_adv - x).reshape(len(x), -1)
+    size = float(delta.abs().max()) if cfg.norm == "Linf" else float(delta.norm(dim=1).max()) if len(x) else 0.0
+    if size > eps + 1e-5:
+        raise GKLError(f"AutoAttack returned a perturbation of {size:.6f} > ε = {eps:.6f}; refusing to report")
+    return (y_adv.cpu() == y.cpu()), {a: counter.removed[a] for a in counter.order}, size
+
+
+def individual_flags(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, device: torch.device) -> dict[str, Tensor]:
+    """Each attack of the version run alone on all points (pyautoattack's individual evaluation)."""
+    adversary = _autoattack(model, cfg, cfg.eps, device)
+    results = adversary.run_standard_evaluation_individual(x, y, batch_size=cfg.batch_size)
+    return {attack: (y_adv.cpu() == y.cpu()) for attack, (_, y_adv) in results.items()}
+
+
+def cw_margin_loss(logits_adv: Tensor, logits_nat: Tensor, targets: Tensor) -> Tensor:
+    """The CW-∞ loss: max_{j≠y} z_j − z_y (summed), maximised by the attack."""
+    z = logits_adv.float()
+    true = z.gather(1, targets[:, None]).squeeze(1)
+    other = z.masked_fill(F.one_hot(targets, z.shape[1]).bool(), float("-inf")).amax(1)
+    return (other - true).sum()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def pgd_flags(model: nn.Module, x: Tensor, y: Tensor, loss: str, steps: int, cfg: EvalConfig, device: torch.device) -> Tensor:
+    """Robust flags under PGD-`steps` (uniform start, step `cfg.step_size`) on CE or the CW loss."""
+    loss_fn = ce_attack_loss if loss == "pgd" else cw_margin_loss
+    flags = []
+    for i in range(0, len(x), cfg.batch_size):
+        xb, yb = x[i:i + cfg.batch_size].to(device), y[i:i + cfg.batch_size].to(device)
+        x_adv = pgd_linf(model, xb, yb, loss_fn, eps=cfg.eps, step_size=cfg.step_size, steps=steps, init="uniform", mode="eval")
+        with torch.no_grad():
+            flags.append((model(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate_chunk(model: nn.Module, x: Tensor, y: Tensor, start: int, cfg: EvalConfig, device: torch.device,
+                   on_line: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Every configured evaluation on one chunk; the payload of its chunk file."""
+    tick = time.perf_counter()
+    payload: dict[str, Any] = {"start": start, "end": start + len(x), "clean": predict(model, x, cfg.batch_size, device) == y}
+    payload["aa"] = {}
+    for eps in [cfg.eps, *[e for e in cfg.eps_list if abs(e - cfg.eps) > 1e-12]]:
+        flags, removed, size = autoattack_flags(model, x, y, cfg, eps, device, on_line)
+        payload["aa"][format_eps(eps)] = {"robust": flags, "removed": removed, "max_perturbation": size}
+    extra = {}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed * 1_000_003 + start)  # independent of sharding
+        for kind, steps_list in (("pgd", cfg.pgd), ("cw", cfg.cw)):
+            for steps in steps_list:
+                extra[f"{kind}-{steps}"] = pgd_flags(model, x, y, kind, steps, cfg, device)
+    payload["extra"] = extra
+    payload["individual"] = individual_flags(model, x, y, cfg, device) if cfg.individual else {}
+    payload["seconds"] = time.perf_counter() - tick
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunks, shards, resume, merge
+# ---------------------------------------------------------------------------------------------------
+
+
+def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    size = chunk_size or n
+    return [(s, min(s + size, n)) for s in range(0, n, size)] if n else []
+
+
+def parse_shard(text: Optional[str]) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not (0 <= int(match.group(1)) < int(match.group(2))):
+        raise GKLError(f"--shard {text}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def chunk_path(out: Path, start: int, end: int) -> Path:
+    return out / "chunks" / f"chunk_{start:07d}_{end:07d}.pt"
+
+
+def check_manifest(out: Path, wanted: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Create OUT/manifest.json, or check an existing one: resuming needs identical settings."""
+    path = out / "manifest.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if overwrite:
+            for file in (out / "chunks").glob("chunk_*.pt"):
+                file.unlink()
+            for name in ("results.json", "results.md", "flags.pt"):
+                (out / name).unlink(missing_ok=True)
+        elif not resume:
+            raise GKLError(f"{out}: holds an evaluation already; pass --resume to continue or reuse it, or --overwrite")
+        elif old != wanted:
+            diff = [k for k in MANIFEST_KEYS if old.get(k) != wanted.get(k)]
+            raise GKLError(f"{out}: was started with different settings ({', '.join(diff)}); use another --out or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(wanted, indent=2) + "\n")
+
+
+def merge(dirs: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Combine the chunk files of `dirs` (one evaluation, possibly sharded): (manifest, aggregate)."""
+    manifests = []
+    for d in dirs:
+        if not (d / "manifest.json").is_file():
+            raise GKLError(f"{d}: no manifest.json (not a gkl eval-aa directory)")
+        manifests.append(json.loads((d / "manifest.json").read_text()))
+    for d, m in zip(dirs[1:], manifests[1:]):
+        if m != manifests[0]:
+            diff = [k for k in MANIFEST_KEYS if m.get(k) != manifests[0].get(k)]
+            raise GKLError(f"{d}: a different evaluation than {dirs[0]} ({', '.join(diff)}); cannot merge")
+    man = manifests[0]
+    chunks: dict[tuple[int, int], dict[str, Any]] = {}
+    for d in dirs:
+        for file in sorted((d / "chunks").glob("chunk_*.pt")):
+            payload = load_file(file)
+            chunks[(payload["start"], payload["end"])] = payload
+    expected = chunk_ranges(man["n_ex"], man["chunk_size"])
+    missing = [r for r in expected if r not in chunks]
+    if missing:
+        shown = ", ".join(f"{a}–{b}" for a, b in missing[:4])
+        raise GKLError(f"{len(missing)} of {len(expected)} chunks are not finished yet (images {shown}{' …' if len(missing) > 4 else ''})")
+    ordered = [chunks[r] for r in expected]
+    return man, aggregate(ordered)
+
+
+def aggregate(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-example flags concatenated in image order, and the per-stage removal counts summed."""
+    clean = torch.cat([c["clean"] for c in chunks])
+    out: dict[str, Any] = {"clean": clean, "aa": {}, "extra": {}, "individual": {}, "seconds": sum(c["seconds"] for c in chunks)}
+    for eps in chunks[0]["aa"]:
+        removed: dict[str, int] = {}
+        for c in chunks:
+            for attack, count in c["aa"][eps]["removed"].items():
+                removed[attack] = removed.get(attack, 0) + count
+        out["aa"][eps] = {"robust": torch.cat([c["aa"][eps]["robust"] for c in chunks]), "removed": removed,
+                          "max_perturbation": max(c["aa"][eps]["max_perturbation"] for c in chunks)}
+    for part in ("extra", "individual"):
+        for key in chunks[0][part]:
+            out[part][key] = torch.cat([c[part][key] for c in chunks])
+    return out
+
+
+def _pct(flags: Tensor) -> float:
+    return 100.0 * float(flags.float().mean()) if len(flags) else float("nan")
+
+
+def summarise(man: dict[str, Any], agg: dict[str, Any], extra_info: dict[str, Any]) -> dict[str, Any]:
+    """results.json: accuracies in %, per-stage robust accuracy, and the provenance of the numbers."""
+    import pyautoattack
+
+    n = len(agg["clean"])
+    main = format_eps(man["eps"])
+    n_clean = int(agg["clean"].sum())
+    stages, remaining = [], n_clean
+    for attack, removed in agg["aa"][main]["removed"].items():
+        remaining -= removed
+        stages.append({"attack": attack, "removed": removed, "robust_acc": 100.0 * remaining / n})
+    robust = agg["aa"][main]["robust"]
+    worst = robust.clone()
+    for flags in agg["extra"].values():
+        worst &= flags
+    results = {
+        "clean_acc": _pct(agg["clean"]),
+        "robust_acc": _pct(robust),
+        "n_ex": n,
+        "n_clean": n_clean,
+        "n_robust": int(robust.sum()),
+        "eps": main,
+        "norm": man["norm"],
+        "version": man["version"],
+        "attacks": man["attacks"],
+        "seed": man["seed"],
+        "batch_size": man["batch_size"],
+        "chunk_size": man["chunk_size"],
+        "stages": stages,
+        "max_perturbation": agg["aa"][main]["max_perturbation"],
+        "eps_sweep": [{"eps": eps, "robust_acc": _pct(v["robust"])} for eps, v in agg["aa"].items()],
+        "other_attacks": {k: _pct(v) for k, v in agg["extra"].items()},
+        "worst_case_acc": _pct(worst) if agg["extra"] else None,
+        "individual": {k: _pct(v) for k, v in agg["individual"].items()},
+        "dataset": man["dataset"],
+        "guards": man["guards"],
+        "model_sha256": man["model_sha256"],
+        "attack_seconds": agg["seconds"],
+        "versions": {"gkl": __version__, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
+                     "python": platform.python_version()},
+    }
+    results.update(extra_info)
+    return results
+
+
+def results_markdown(r: dict[str, Any]) -> str:
+    """The human-readable twin of results.json."""
+    lines = [
+        f"# AutoAttack ({r['version']}, {r['norm']}, ε = {r['eps']})",
+        "",
+        f"Model `{r.get('model', {}).get('path') or r.get('model', {}).get('robustbench_name')}` "
+        f"(sha256 `{r['model_sha256'][:16]}…`), {r['dataset']}, first {r['n_ex']} test images, seed {r['seed']}, "
+        f"batch {r['batch_size']}, chunk {r['chunk_size'] or 'all'}; guards {'on' if r['guards'] else 'OFF (--no-guards)'}.",
+        "",
+        "| | accuracy (%) |",
+        "|---|---:|",
+        f"| clean | {r['clean_acc']:.2f} |",
+    ]
+    lines += [f"| after {s['attack']} (−{s['removed']}) | {s['robust_acc']:.2f} |" for s in r["stages"]]
+    lines.append(f"| **AutoAttack** | **{r['robust_acc']:.2f}** |")
+    for eps in r["eps_sweep"][1:]:
+        lines.append(f"| AutoAttack ε = {eps['eps']} | {eps['robust_acc']:.2f} |")
+    for name, acc in r["other_attacks"].items():
+        lines.append(f"| {name.upper()} | {acc:.2f} |")
+    if r["worst_case_acc"] is not None:
+        lines.append(f"| worst case (all attacks) | {r['worst_case_acc']:.2f} |")
+    for name, acc in r["individual"].items():
+        lines.append(f"| {name} alone | {acc:.2f} |")
+    lines += ["", f"{r['attack_seconds']:.1f} s of attack time; torch {r['versions']['torch']}, "
+              f"pyautoattack {r['versions']['pyautoattack']}, device {r.get('device', '?')}.", ""]
+    return "\n".join(lines)
+
+
+def write_results(out: Path, dirs: list[Path], extra_info: dict[str, Any]) -> dict[str, Any]:
+    """Merge `dirs` and write results.json, results.md and flags.pt (per-example flags) into `out`."""
+    man, agg = merge(dirs)
+    results = summarise(man, agg, extra_info)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"clean": agg["clean"], "robust": agg["aa"][format_eps(man["eps"])]["robust"],
+                 **{f"extra/{k}": v for k, v in agg["extra"].items()}}, out / "flags.pt")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(results))
+    return results
+
+
+def run_evaluation(
+    loaded: LoadedModel, x: Tensor, y: Tensor, cfg: EvalConfig, out: Path, *, device: torch.device,
+    shard: tuple[int, int] = (0, 1), resume: bool = False, overwrite: bool = False,
+    progress: Optional[Callable[[int, int, int, str], None]] = None, guard_info: Optional[dict[str, Any]] = None,
+) -> Optional[dict[str, Any]]:
+    """Evaluate this shard's unfinished chunks; merge and return results when all chunks exist."""
+    if shard[1] > 1 and cfg.chunk_size == 0:
+        raise GKLError("--shard needs --chunk-size N (the same for every shard) to split the work")
+    wanted = manifest(cfg, loaded.sha256 or "unknown")
+    check_manifest(out, wanted, resume, overwrite)
+    ranges = chunk_ranges(len(x), cfg.chunk_size)
+    mine = [r for i, r in enumerate(ranges) if i % shard[1] == shard[0]]
+    todo = [r for r in mine if not chunk_path(out, *r).is_file()]
+    done_images = sum(b - a for a, b in mine) - sum(b - a for a, b in todo)
+    for a, b in todo:
+        line = (lambda text, a=a, b=b: progress(done_images, sum(e - s for s, e in mine), b - a, text)) if progress else None
+        payload = evaluate_chunk(loaded.module, x[a:b], y[a:b], a, cfg, device, line)
+        atomic_save(payload, chunk_path(out, a, b))
+        done_images += b - a
+        if progress:
+            progress(done_images, sum(e - s for s, e in mine), 0, f"chunk {a}–{b} done")
+    info = {"model": {"path": str(loaded.path) if loaded.path else None, "arch": loaded.arch, "source": loaded.source,
+                      "num_classes": loaded.num_classes},
+            "guard_checks": guard_info or {}, "device": _device_name(device)}
+    if loaded.source == "robustbench-zoo":
+        info["model"]["robustbench_name"] = loaded.meta["robustbench_name"]
+    try:
+        return write_results(out, [out], info)
+    except GKLError:
+        if shard[1] > 1:
+            return None  # other shards still running; `gkl eval-aa --merge` combines them
+        raise
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+
+
+def _pick_device(requested: Optional[str]) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise GKLError(f"--device {requested}: CUDA is not available on this machine")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes: Optional[int], dataset: Optional[str],
+                       data_dir: Optional[str], n_ex: int, batch_size: int, eps: float, norm: str, version: str,
+                       attacks: Optional[list[str]], seed: int, chunk_size: int, shard: Optional[str], out_dir: Optional[str],
+                       resume: bool, overwrite: bool, eps_list: list[float], pgd: list[int], cw: list[int], individual: bool,
+                       robustbench_model: Optional[str], model_dir: str, guards: bool, device: Optional[str],
+                       console: Any = None) -> Optional[dict[str, Any]]:
+    """`gkl eval-aa`: load, check, evaluate this shard, merge when complete."""
+    from gklcli.loading import load_model_file, load_robustbench_zoo_model
+
+    dev = _pick_device(device)
+    shard_spec = parse_shard(shard)
+    if (pgd or cw) and norm != "Linf":
+        raise GKLError("--pgd/--cw are L∞ attacks; use them with --norm Linf")
+    if robustbench_model:
+        if dataset not in ("cifar10", "cifar100", "imagenet"):
+            raise GKLError("--robustbench-model needs --dataset cifar10, cifar100 or imagenet")
+        loaded = load_robustbench_zoo_model(robustbench_model, model_dir, dataset, norm, dev)
+        name = robustbench_model
+    else:
+        loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
+        name = Path(ckpt).parent.name + "-" + Path(ckpt).stem if loaded.source == "gkl" else Path(ckpt).stem
+    x, y, data_name = load_eval_data(dataset, loaded, data_dir, n_ex)
+    cfg = EvalConfig(dataset=data_name, n_ex=len(x), batch_size=batch_size, eps=eps, norm=norm, version=version, attacks=attacks,
+                     seed=seed, chunk_size=chunk_size, eps_list=eps_list, pgd=pgd, cw=cw, individual=individual, guards=guards)
+    loaded.module.eval()
+    guard_info = run_guards(loaded.module, x, y, loaded.num_classes, data_name, dev) if guards else {"disabled": True}
+    out = Path(out_dir or f"evals/{name}")
+    return _with_progress(console, len(x), lambda report: run_evaluation(
+        loaded, x, y, cfg, out, device=dev, shard=shard_spec, resume=resume, overwrite=overwrite, progress=report, guard_info=guard_info))
+
+
+def _with_progress(console: Any, total: int, run: Callable[[Callable[[int, int, int, str], None]], Any]) -> Any:
+    """A rich progress bar over images (img/s), fed by chunk completions and pyautoattack's log lines."""
+    if console is None:
+        return run(lambda *a: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tick = time.perf_counter()
+    with Progress(TextColumn("AutoAttack"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("aa", total=total, info="")
+
+        def report(done: int, mine: int, current: int, text: str) -> None:
+            bar.update(task, total=mine, completed=done, info=f"{done / max(time.perf_counter() - tick, 1e-9):.1f} img/s {text[:60]}")
+
+        return run(report)
