@@ -238,6 +238,61 @@ def eval_aa_cmd(
         out.print(f"{name.upper()}: {acc:.2f}%")
 
 
+@app.command("export-robustbench")
+def export_robustbench_cmd(
+    ckpt: str = typer.Argument(..., help="A gkl checkpoint, or a plain/RobustBench state dict with --arch."),
+    name: str = typer.Option(..., "--name", help="RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10."),
+    dataset: str = typer.Option(..., "--dataset", help="cifar10 or cifar100."),
+    threat_model: str = typer.Option("Linf", "--threat-model", help="Linf."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for files that do not record it."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count when it cannot be read from the weights."),
+    results_file: Optional[str] = typer.Option(None, "--results", help="results.json from gkl eval-aa (fills the accuracy fields)."),
+    paper_name: str = typer.Option("", "--paper-name", help="Paper title (the leaderboard's method name)."),
+    paper_link: str = typer.Option("", "--paper-link", help="Paper URL."),
+    authors: str = typer.Option("", "--authors", help='Comma-separated authors, "A, B, C".'),
+    venue: str = typer.Option("", "--venue", help='e.g. "NeurIPS 2024" (empty: shown as Unpublished).'),
+    additional_data: bool = typer.Option(False, "--additional-data/--no-additional-data", help="Trained with extra real data."),
+    footnote: Optional[str] = typer.Option(None, "--footnote", help='e.g. "It uses additional 20M synthetic images in training."'),
+    reported: Optional[float] = typer.Option(None, "--reported", help="Robust accuracy reported in the paper (default: the AA result)."),
+    out_dir: str = typer.Option("robustbench_export", "--out", help="Output directory."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset root for the clean-accuracy check (default ./data)."),
+    batch_size: int = typer.Option(500, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
+) -> None:
+    """Write a RobustBench checkpoint, model_info JSON, zoo entry and SUBMISSION.md, verified against RobustBench."""
+    from pathlib import Path
+
+    from gklcli.evaluate import _pick_device, load_eval_data
+    from gklcli.export import export
+    from gklcli.loading import load_model_file
+
+    dev = _pick_device(device)
+    loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
+    results = None
+    if results_file:
+        try:
+            results = json.loads(Path(results_file).read_text())
+        except (OSError, ValueError) as error:
+            raise GKLError(f"--results {results_file}: cannot read ({error})") from None
+    data = None
+    if results is not None:
+        try:
+            x, y, _ = load_eval_data(dataset if results.get("dataset") == dataset else results.get("dataset"), loaded, data_dir, results["n_ex"])
+            data = (x, y)
+        except GKLError as error:
+            err.print(f"[yellow]note:[/yellow] clean accuracy not recomputed: {escape(str(error))}")
+    meta = {"paper_name": paper_name, "paper_link": paper_link, "authors": authors, "venue": venue,
+            "additional_data": additional_data, "footnote": footnote, "reported": reported}
+    report = export(loaded, model_id=name, dataset=dataset, threat_model=threat_model, out=Path(out_dir), results=results,
+                    results_path=Path(results_file) if results_file else None, meta=meta, data=data, batch_size=batch_size, device=dev)
+    out.print(f"wrote {report['checkpoint']} (sha256 {report['sha256'][:16]}…), model_info, zoo_entry.py, SUBMISSION.md under {out_dir}")
+    out.print(f"verified: strict load into RobustBench's class and through robustbench.utils.load_model, logits within "
+              f"{max(report['logit_max_diff_class'], report['logit_max_diff_load_model']):.2g}"
+              + (f", clean accuracy {report['clean_acc_recomputed']:.2f}% matches the results" if "clean_acc_recomputed" in report else ""))
+    if results is None:
+        out.print("[yellow]no --results: clean_acc, reported and autoattack_acc are null; run gkl eval-aa and export again with --results[/yellow]")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point. Typer handles usage errors itself (exit 2, with the usage);
     a `GKLError` raised by a command becomes one red line and exit code 2."""

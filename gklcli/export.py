@@ -1,0 +1,277 @@
+"""`gkl export-robustbench`: leaderboard-ready files, verified against RobustBench's own classes.
+
+Writes, under OUT/:
+
+* ``models/<dataset>/<threat>/<ID>.pt`` — a plain float32 state dict whose keys load with
+  ``strict=True`` into RobustBench's class for the architecture (no ``module.`` prefix, no mean/std
+  entries), so ``robustbench.utils.load_model(ID, model_dir=OUT/models, …)`` reads it offline once
+  the zoo entry exists;
+* ``model_info/<dataset>/<threat>/<ID>.json`` — the curated leaderboard schema (accuracies as strings
+  with two decimals, ε as "8/255", field order of the curated files, no trailing newline);
+* ``zoo_entry.py`` — the entry for ``robustbench/model_zoo/<dataset>.py``;
+* ``SUBMISSION.md`` — the "New Model(s)" issue text the maintainers ask for.
+
+Before finishing it rebuilds RobustBench's class, loads the file strictly, compares logits with the
+source model, loads it again through ``robustbench.utils.load_model`` with a temporary in-process zoo
+entry, and (with data) recomputes clean accuracy against the results file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from gklcli.errors import GKLError
+from gklcli.loading import LoadedModel, load_strict
+from gklcli.train.checkpoint import atomic_save, atomic_write_text
+
+MODEL_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class RBArch:
+    """How RobustBench represents one registry architecture."""
+
+    module: str  # robustbench.model_zoo.architectures.<module>
+    code: str  # constructor expression for the zoo entry; {C} = number of classes, {D} = CIFAR10/CIFAR100
+    display: str  # the leaderboard's "architecture" field
+    build: Callable[[Any, int, str], nn.Module]  # (architectures module, classes, dataset) → model
+    normalises: bool  # mean/std inside RobustBench's class
+
+
+def _dm(depth: int, width: int) -> Callable[[Any, int, str], nn.Module]:
+    def build(m: Any, classes: int, dataset: str) -> nn.Module:
+        stats = "CIFAR100" if dataset == "cifar100" else "CIFAR10"
+        return m.DMWideResNet(num_classes=classes, depth=depth, width=width, activation_fn=nn.SiLU,
+                              mean=getattr(m, f"{stats}_MEAN"), std=getattr(m, f"{stats}_STD"))
+    return build
+
+
+def _wrn(depth: int, width: int) -> Callable[[Any, int, str], nn.Module]:
+    return lambda m, classes, dataset: m.WideResNet(depth=depth, num_classes=classes, widen_factor=width, sub_block1=False)
+
+
+RB_ARCHS: dict[str, RBArch] = {
+    **{
+        f"wrn-{d}-{w}": RBArch("wide_resnet", f"WideResNet(depth={d}, widen_factor={w}, num_classes={{C}}, sub_block1=False)",
+                               f"WideResNet-{d}-{w}", _wrn(d, w), False)
+        for d, w in ((34, 10), (34, 20), (28, 10))
+    },
+    **{
+        f"wrn-{d}-{w}-swish": RBArch(
+            "dm_wide_resnet",
+            f"DMWideResNet(num_classes={{C}}, depth={d}, width={w}, activation_fn=nn.SiLU, mean={{D}}_MEAN, std={{D}}_STD)",
+            f"WideResNet-{d}-{w}", _dm(d, w), True)
+        for d, w in ((28, 10), (70, 16))
+    },
+    "resnet-18": RBArch("resnet", "ResNet(BasicBlock, [2, 2, 2, 2], num_classes={C})", "ResNet-18",
+                        lambda m, c, d: m.ResNet(m.BasicBlock, [2, 2, 2, 2], num_classes=c), False),
+    "preact-resnet-18": RBArch(
+        "resnet", "PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={C}, bn_before_fc=True, out_shortcut=True)",
+        "PreActResNet-18",
+        lambda m, c, d: m.PreActResNet(m.PreActBlock, [2, 2, 2, 2], num_classes=c, bn_before_fc=True, out_shortcut=True), False),
+}
+
+
+def rb_arch(loaded: LoadedModel) -> RBArch:
+    """RobustBench's representation, or a GKLError saying why there is none."""
+    spec = RB_ARCHS.get(loaded.arch or "")
+    if spec is None:
+        supported = ", ".join(RB_ARCHS)
+        raise GKLError(f"architecture {loaded.arch!r} has no RobustBench class; exportable: {supported}")
+    return spec
+
+
+def build_rb_model(spec: RBArch, num_classes: int, dataset: str) -> nn.Module:
+    from gklcli.compat import import_robustbench
+
+    import_robustbench()
+    module = importlib.import_module(f"robustbench.model_zoo.architectures.{spec.module}")
+    return spec.build(module, num_classes, dataset)
+
+
+def check_normalisation(loaded: LoadedModel, spec: RBArch, rb_model: nn.Module) -> None:
+    """The exported class must see the same inputs the model was trained on."""
+    norm = loaded.input_norm
+    if not spec.normalises:
+        if norm is not None:
+            raise GKLError(
+                f"{loaded.arch}: the model normalises its inputs (mean {norm['mean']}), but RobustBench's "
+                f"{spec.display} takes raw [0,1] images; it cannot be exported faithfully"
+            )
+        return
+    theirs = {"mean": rb_model.mean.flatten().tolist(), "std": rb_model.std.flatten().tolist()}
+    if norm is None or any(abs(a - b) > 1e-6 for key in ("mean", "std") for a, b in zip(norm[key], theirs[key])):
+        raise GKLError(f"{loaded.arch}: input normalisation {norm} differs from RobustBench's {theirs} for this dataset")
+
+
+def _max_logit_diff(a: nn.Module, b: nn.Module, x: Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        la, lb = a.eval()(x).float(), b.eval()(x).float()
+    return float((la - lb).abs().max()), 1.0 + float(la.abs().max())
+
+
+def _pct(value: Optional[float]) -> Optional[str]:
+    return None if value is None else f"{value:.2f}"
+
+
+def model_info(*, results: Optional[dict[str, Any]], dataset: str, architecture: str, eps: str, paper_name: str,
+               paper_link: str, authors: str, venue: str, additional_data: bool, footnote: Optional[str],
+               reported: Optional[float]) -> dict[str, Any]:
+    """The curated leaderboard JSON, fields in the curated files' order."""
+    clean = results["clean_acc"] if results else None
+    robust = results["robust_acc"] if results else None
+    info = {
+        "link": paper_link,
+        "name": paper_name,
+        "authors": authors,
+        "additional_data": additional_data,
+        "number_forward_passes": 1,
+        "dataset": dataset,
+        "venue": venue,
+        "architecture": architecture,
+        "eps": eps,
+        "clean_acc": _pct(clean),
+        "reported": _pct(reported if reported is not None else robust),
+        "autoattack_acc": _pct(robust),
+        "unreliable": False,
+    }
+    if footnote:
+        info["footnote"] = footnote
+    return info
+
+
+def zoo_entry(model_id: str, spec: RBArch, num_classes: int, dataset: str) -> str:
+    stats = "CIFAR100" if dataset == "cifar100" else "CIFAR10"
+    code = spec.code.format(C=num_classes, D=stats)
+    imports = {
+        "wide_resnet": "from robustbench.model_zoo.architectures.wide_resnet import WideResNet",
+        "dm_wide_resnet": f"from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet, {stats}_MEAN, {stats}_STD",
+        "resnet": "from robustbench.model_zoo.architectures.resnet import BasicBlock, PreActBlock, PreActResNet, ResNet",
+    }[spec.module]
+    return (
+        f"# robustbench/model_zoo/{dataset}.py — add to the `linf` OrderedDict (imports at the top of the file):\n"
+        f"# {imports}\n"
+        f"('{model_id}', {{\n"
+        f"    'model': lambda: {code},\n"
+        f"    'gdrive_id': 'GOOGLE_DRIVE_ID_OF_{model_id}.pt',  # upload models/{dataset}/Linf/{model_id}.pt and paste its id\n"
+        f"}}),\n"
+    )
+
+
+def submission_text(model_id: str, info: dict[str, Any], results: Optional[dict[str, Any]], sha256: str) -> str:
+    """The RobustBench "New Model(s)" issue template, filled in."""
+    evaluation = (
+        f"AutoAttack {results['version']} (pyautoattack {results['versions']['pyautoattack']}) through `gkl eval-aa`, "
+        f"first {results['n_ex']} test images, seed {results['seed']}, batch size {results['batch_size']}"
+        if results else "NOT EVALUATED YET: run `gkl eval-aa` and export again with --results"
+    )
+    return "\n".join([
+        f"# [New Model] {model_id}",
+        "",
+        f"**Paper Title**: {info['name']}",
+        f"**Paper URL**: {info['link']}",
+        f"**Paper authors**: {info['authors']}",
+        "",
+        "**Leaderboard Claim(s)**",
+        "",
+        f"Model 1 — `{model_id}`",
+        f"- Architecture: {info['architecture']}",
+        "- Threat Model: Linf",
+        f"- eps: {info['eps']}",
+        f"- Clean accuracy: {info['clean_acc'] or 'n/a'}",
+        f"- Robust accuracy: {info['autoattack_acc'] or 'n/a'}",
+        f"- Additional data: {str(info['additional_data']).lower()}",
+        f"- Evaluation method: {evaluation}",
+        f"- Checkpoint and code URLs: CHECKPOINT_URL (sha256 of the exported file: {sha256}), CODE_URL",
+        f"- Dataset: {info['dataset']}",
+        f"- Venue: {info['venue'] or 'n/a'}",
+        *( [f"- Comments: {info['footnote']}"] if info.get("footnote") else [] ),
+        "",
+        "**Model Zoo:**",
+        "- [x] I want to add my models to the Model Zoo (check if true)",
+        "- [x] I use an architecture that is included among those here: "
+        "https://github.com/RobustBench/robustbench/tree/master/robustbench/model_zoo/architectures (check if true)",
+        "- [x] I agree to release my model(s) under MIT license (check if true) **OR** under a custom license, located here: (put the custom license URL here if a custom license is needed)",
+        "",
+        "The zoo entry is in `zoo_entry.py`; the model_info JSON in `model_info/`.",
+        "",
+    ])
+
+
+def _register_and_load(model_id: str, spec: RBArch, classes: int, dataset: str, model_dir: Path) -> nn.Module:
+    """`robustbench.utils.load_model` on the exported file, with a temporary in-process zoo entry."""
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.utils import load_model
+
+    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel("Linf")]
+    added = model_id not in zoo
+    if added:
+        # a placeholder id: the file already exists, so load_model reads it and downloads nothing
+        zoo[model_id] = {"model": lambda: build_rb_model(spec, classes, dataset), "gdrive_id": "local-file-no-download"}
+    try:
+        return load_model(model_id, model_dir=str(model_dir), dataset=dataset, threat_model="Linf")
+    finally:
+        if added:
+            del zoo[model_id]
+
+
+def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: str, out: Path,
+           results: Optional[dict[str, Any]], results_path: Optional[Path], meta: dict[str, Any],
+           data: Optional[tuple[Tensor, Tensor]], batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Write and verify the RobustBench files; returns a report of what was checked."""
+    if threat_model != "Linf":
+        raise GKLError(f"--threat-model {threat_model}: gkl exports Linf models")
+    if dataset not in ("cifar10", "cifar100"):
+        raise GKLError(f"--dataset {dataset}: use cifar10 or cifar100")
+    if not MODEL_ID.match(model_id):
+        raise GKLError(f"--name {model_id}: letters, digits, '_' and '-' only, starting with a letter (e.g. Cui2023Decoupled_WRN-34-10)")
+    expected_classes = 10 if dataset == "cifar10" else 100
+    if loaded.num_classes != expected_classes:
+        raise GKLError(f"--dataset {dataset}: the model has {loaded.num_classes} classes, {dataset} has {expected_classes}")
+    if results is not None:
+        if results.get("model_sha256") not in (None, loaded.sha256):
+            raise GKLError(f"{results_path}: these results are for another checkpoint (sha256 {results['model_sha256'][:12]}… ≠ {loaded.sha256[:12]}…)")
+        if results.get("dataset") != dataset or results.get("norm") != threat_model or results.get("version") != "standard":
+            raise GKLError(f"{results_path}: the leaderboard needs AutoAttack standard, Linf on {dataset}; the results are "
+                           f"{results.get('version')}, {results.get('norm')} on {results.get('dataset')}")
+    spec = rb_arch(loaded)
+    rb_model = build_rb_model(spec, loaded.num_classes, dataset)
+    check_normalisation(loaded, spec, rb_model)
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
+             for k, v in loaded.module.state_dict().items()}
+    load_strict(rb_model, state, f"RobustBench {spec.display}")
+    file = out / "models" / dataset / threat_model / f"{model_id}.pt"
+    atomic_save(state, file)
+    from gklcli.loading import sha256_file
+
+    report: dict[str, Any] = {"checkpoint": str(file), "sha256": sha256_file(file)}
+    source = loaded.module.to(device).eval()
+    probe = data[0][: min(len(data[0]), 64)] if data is not None else torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name, model in (("class", rb_model), ("load_model", _register_and_load(model_id, spec, loaded.num_classes, dataset, out / "models"))):
+        diff, scale = _max_logit_diff(source, model.to(device), probe.to(device))
+        if diff > 1e-4 * scale:
+            raise GKLError(f"verification: RobustBench's {spec.display} ({name}) gives logits {diff:.3g} away from the source model")
+        report[f"logit_max_diff_{name}"] = diff
+    if data is not None and results is not None:
+        from gklcli.evaluate import predict
+
+        n = min(results["n_ex"], len(data[0]))
+        acc = 100.0 * float((predict(rb_model.to(device).eval(), data[0][:n], batch_size, device) == data[1][:n]).float().mean())
+        if abs(round(acc, 2) - round(results["clean_acc"], 2)) > 0.05:
+            raise GKLError(f"verification: clean accuracy of the exported model is {acc:.2f}% on {n} images, the results file says {results['clean_acc']:.2f}%")
+        report["clean_acc_recomputed"] = acc
+    info = model_info(results=results, dataset=dataset, architecture=spec.display, eps=results["eps"] if results else "8/255", **meta)
+    atomic_write_text(out / "model_info" / dataset / threat_model / f"{model_id}.json", json.dumps(info, indent=2))
+    atomic_write_text(out / "zoo_entry.py", zoo_entry(model_id, spec, loaded.num_classes, dataset))
+    atomic_write_text(out / "SUBMISSION.md", submission_text(model_id, info, results, report["sha256"]))
+    report["model_info"] = info
+    return report
