@@ -197,6 +197,7 @@ def eval_aa_cmd(
     individual: bool = typer.Option(False, "--individual", help="Also each attack alone on all points (per-attack robustness)."),
     robustbench_model: Optional[str] = typer.Option(None, "--robustbench-model", help="Evaluate a RobustBench zoo model from --model-dir."),
     model_dir: str = typer.Option("models", "--model-dir", help="RobustBench models directory (<dir>/<dataset>/<threat>/<name>.pt)."),
+    zoo_dataset: Optional[str] = typer.Option(None, "--zoo-dataset", help="The zoo of --robustbench-model (default: --dataset)."),
     no_guards: bool = typer.Option(False, "--no-guards", help="Skip the pre-evaluation guards (recorded in the results)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -227,7 +228,7 @@ def eval_aa_cmd(
             chunk_size=chunk_size, shard=shard, out_dir=out_dir, resume=resume, overwrite=overwrite,
             eps_list=_parse_list(eps_list, "--eps-list", _eps), pgd=_parse_list(pgd, "--pgd", int),
             cw=_parse_list(cw, "--cw", int), individual=individual, robustbench_model=robustbench_model,
-            model_dir=model_dir, guards=not no_guards, device=device, console=None if quiet else err,
+            model_dir=model_dir, zoo_dataset=zoo_dataset, guards=not no_guards, device=device, console=None if quiet else err,
         )
         if results is None:
             out.print("this shard is done; combine the shards with: gkl eval-aa --merge DIR [--merge DIR ...] --out DIR")
@@ -277,8 +278,11 @@ def export_robustbench_cmd(
     data = None
     if results is not None:
         try:
-            x, y, _ = load_eval_data(dataset if results.get("dataset") == dataset else results.get("dataset"), loaded, data_dir, results["n_ex"])
+            x, y, _ = load_eval_data(results.get("dataset"), loaded, data_dir, results["n_ex"])
             data = (x, y)
+            if str(results.get("dataset")).startswith("npz:"):
+                err.print(f"[yellow]note:[/yellow] the results were computed on {escape(results['dataset'])}; "
+                          f"it must be the {dataset} test set in canonical order")
         except GKLError as error:
             err.print(f"[yellow]note:[/yellow] clean accuracy not recomputed: {escape(str(error))}")
     meta = {"paper_name": paper_name, "paper_link": paper_link, "authors": authors, "venue": venue,

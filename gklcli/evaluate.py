@@ -99,8 +99,8 @@ def load_eval_data(spec: Optional[str], loaded: LoadedModel, data_dir: Optional[
     else:
         raise GKLError(f"--dataset {spec}: use cifar10, cifar100, npz:PATH or synthetic")
     n = min(n_ex, len(source))
-    images = torch.from_numpy(np.asarray(source.images[:n])).permute(0, 3, 1, 2).float().div_(255.0)
-    labels = torch.from_numpy(np.asarray(source.labels[:n])).long()
+    images = torch.from_numpy(np.array(source.images[:n], copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
+    labels = torch.from_numpy(np.array(source.labels[:n], copy=True)).long()
     if len(labels) and int(labels.max()) >= loaded.num_classes:
         raise GKLError(f"{spec}: labels go up to {int(labels.max())} but the model has {loaded.num_classes} classes")
     return images.contiguous(), labels, spec
@@ -495,6 +495,7 @@ def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes:
                        attacks: Optional[list[str]], seed: int, chunk_size: int, shard: Optional[str], out_dir: Optional[str],
                        resume: bool, overwrite: bool, eps_list: list[float], pgd: list[int], cw: list[int], individual: bool,
                        robustbench_model: Optional[str], model_dir: str, guards: bool, device: Optional[str],
+                       zoo_dataset: Optional[str] = None,
                        console: Any = None) -> Optional[dict[str, Any]]:
     """`gkl eval-aa`: load, check, evaluate this shard, merge when complete."""
     from gklcli.loading import load_model_file, load_robustbench_zoo_model
@@ -504,9 +505,11 @@ def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes:
     if (pgd or cw) and norm != "Linf":
         raise GKLError("--pgd/--cw are L∞ attacks; use them with --norm Linf")
     if robustbench_model:
-        if dataset not in ("cifar10", "cifar100", "imagenet"):
-            raise GKLError("--robustbench-model needs --dataset cifar10, cifar100 or imagenet")
-        loaded = load_robustbench_zoo_model(robustbench_model, model_dir, dataset, norm, dev)
+        zoo = zoo_dataset or dataset
+        if zoo not in ("cifar10", "cifar100", "imagenet"):
+            raise GKLError("--robustbench-model needs --zoo-dataset (or --dataset) cifar10, cifar100 or imagenet")
+        loaded = load_robustbench_zoo_model(robustbench_model, model_dir, zoo, norm, dev)
+        dataset = dataset or zoo
         name = robustbench_model
     else:
         loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
