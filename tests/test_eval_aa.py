@@ -205,3 +205,26 @@ def test_plain_state_dict_needs_arch_and_loads_strict(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval-aa", tmp_path / "rb.pt", "--arch", "resnet8", "--dataset", f"npz:{tmp_path / 'd.npz'}",
                            "--out", tmp_path / "y")
     assert code == 2 and "labels must lie in [0, 9]" in err
+
+
+def test_robustbench_zoo_model_from_a_local_models_directory(tmp_path, capsys):
+    from gklcli.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("wrn-34-10", 10)
+    (tmp_path / "models" / "cifar10" / "Linf").mkdir(parents=True)
+    torch.save(model.state_dict(), tmp_path / "models" / "cifar10" / "Linf" / "Cui2023Decoupled_WRN-34-10.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "t.npz", image=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), label=np.arange(4))
+    args = ["eval-aa", "--robustbench-model", "Cui2023Decoupled_WRN-34-10", "--model-dir", tmp_path / "models",
+            "--zoo-dataset", "cifar10", "--dataset", f"npz:{tmp_path / 't.npz'}", "--version", "custom", "--attacks", "apgd-ce",
+            "--n-ex", "4", "--out", tmp_path / "ev", "-q"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    r = results(tmp_path / "ev")
+    with torch.no_grad():
+        x = torch.from_numpy(np.load(tmp_path / "t.npz")["image"]).permute(0, 3, 1, 2).float() / 255
+        expected = 100 * (model.eval()(x).argmax(1) == torch.arange(4)).float().mean().item()
+    assert r["clean_acc"] == pytest.approx(expected) and r["model"]["robustbench_name"] == "Cui2023Decoupled_WRN-34-10"
+    code, _, err = run_cli(capsys, *[a if a != "Cui2023Decoupled_WRN-34-10" else "Cui2023Decoupled_WRN-28-10" for a in args])
+    assert code == 2 and "not found" in err
