@@ -258,6 +258,7 @@ def export_robustbench_cmd(
     out_dir: str = typer.Option("robustbench_export", "--out", help="Output directory."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset root for the clean-accuracy check (default ./data)."),
     batch_size: int = typer.Option(500, "--batch-size", min=1),
+    n_ex: Optional[int] = typer.Option(None, "--n-ex", min=1, help="Images for the clean-accuracy check (default: the results' n_ex)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Write a RobustBench checkpoint, model_info JSON, zoo entry and SUBMISSION.md, verified against RobustBench."""
@@ -276,9 +277,11 @@ def export_robustbench_cmd(
         except (OSError, ValueError) as error:
             raise GKLError(f"--results {results_file}: cannot read ({error})") from None
     data = None
+    if results is not None and n_ex is not None and n_ex > results["n_ex"]:
+        raise GKLError(f"--n-ex {n_ex}: the results cover only {results['n_ex']} images")
     if results is not None:
         try:
-            x, y, _ = load_eval_data(results.get("dataset"), loaded, data_dir, results["n_ex"])
+            x, y, _ = load_eval_data(results.get("dataset"), loaded, data_dir, n_ex or results["n_ex"])
             data = (x, y)
             if str(results.get("dataset")).startswith("npz:"):
                 err.print(f"[yellow]note:[/yellow] the results were computed on {escape(results['dataset'])}; "

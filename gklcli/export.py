@@ -265,10 +265,16 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
     if data is not None and results is not None:
         from gklcli.evaluate import predict
 
-        n = min(results["n_ex"], len(data[0]))
-        acc = 100.0 * float((predict(rb_model.to(device).eval(), data[0][:n], batch_size, device) == data[1][:n]).float().mean())
-        if abs(round(acc, 2) - round(results["clean_acc"], 2)) > 0.05:
+        n = len(data[0])
+        acc = 100.0 * float((predict(rb_model.to(device).eval(), data[0], batch_size, device) == data[1]).float().mean())
+        if n == results["n_ex"] and abs(round(acc, 2) - round(results["clean_acc"], 2)) > 0.05:
             raise GKLError(f"verification: clean accuracy of the exported model is {acc:.2f}% on {n} images, the results file says {results['clean_acc']:.2f}%")
+        flags_file = Path(results_path).parent / "flags.pt" if results_path else None
+        if n < results["n_ex"] and flags_file is not None and flags_file.is_file():
+            expected = 100.0 * float(torch.load(flags_file, weights_only=True)["clean"][:n].float().mean())
+            if abs(acc - expected) > 1e-9:
+                raise GKLError(f"verification: clean accuracy of the exported model is {acc:.2f}% on the first {n} images, "
+                               f"the evaluation's per-example flags say {expected:.2f}%")
         report["clean_acc_recomputed"] = acc
     info = model_info(results=results, dataset=dataset, architecture=spec.display, eps=results["eps"] if results else "8/255", **meta)
     atomic_write_text(out / "model_info" / dataset / threat_model / f"{model_id}.json", json.dumps(info, indent=2))

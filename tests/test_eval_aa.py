@@ -228,3 +228,23 @@ def test_robustbench_zoo_model_from_a_local_models_directory(tmp_path, capsys):
     assert r["clean_acc"] == pytest.approx(expected) and r["model"]["robustbench_name"] == "Cui2023Decoupled_WRN-34-10"
     code, _, err = run_cli(capsys, *[a if a != "Cui2023Decoupled_WRN-34-10" else "Cui2023Decoupled_WRN-28-10" for a in args])
     assert code == 2 and "not found" in err
+
+
+def test_individual_attacks_and_cw_pgd_stay_in_the_ball(trained, tmp_path, capsys):
+    from gklcli.evaluate import EvalConfig, pgd_flags
+
+    code, _, err = run_cli(capsys, "eval-aa", trained, "--dataset", "synthetic", "--out", tmp_path / "i", "--individual", *AA)
+    assert code == 0, err
+    r = results(tmp_path / "i")
+    assert set(r["individual"]) == {"apgd-ce", "apgd-t"}
+    assert all(r["robust_acc"] <= acc <= r["clean_acc"] for acc in r["individual"].values())  # each alone is weaker than both
+    model = load_model_file(trained).module
+    x, y = synthetic_test(16)
+    from gklcli.attacks import pgd_linf
+
+    x_adv = pgd_linf(model, x, y, cw_margin_loss, eps=2 / 255, step_size=1 / 255, steps=5, init="uniform")
+    assert (x_adv - x).abs().max() <= 2 / 255 + 1e-7 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():  # the CW attack does not lower the margin loss it maximises
+        assert cw_margin_loss(model(x_adv), None, y) >= cw_margin_loss(model(x), None, y)
+    cfg = EvalConfig(dataset="synthetic", batch_size=8, eps=2 / 255)
+    assert pgd_flags(model, x, y, "cw", 5, cfg, torch.device("cpu")).shape == (16,)

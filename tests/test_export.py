@@ -81,6 +81,7 @@ def evaluated(tmp_path_factory):
 def test_export_with_results_fills_accuracies_and_rechecks_clean_accuracy(evaluated, tmp_path, capsys):
     results = json.loads((evaluated / "ev" / "results.json").read_text())
     (tmp_path / "res.json").write_text(json.dumps(results))  # computed on an npz standing in for the CIFAR-10 test set
+    (tmp_path / "flags.pt").write_bytes((evaluated / "ev" / "flags.pt").read_bytes())
     args = ["export-robustbench", evaluated / "r18.pt", "--arch", "resnet-18", "--name", "Test2026Export_R18",
             "--dataset", "cifar10", "--results", tmp_path / "res.json", "--out", tmp_path / "rb",
             "--footnote", "It uses AutoAugment.", "--reported", "50.5"]
@@ -92,6 +93,11 @@ def test_export_with_results_fills_accuracies_and_rechecks_clean_accuracy(evalua
     assert info["clean_acc"] == f"{results['clean_acc']:.2f}" and info["autoattack_acc"] == f"{results['robust_acc']:.2f}"
     assert info["reported"] == "50.50" and info["footnote"] == "It uses AutoAugment."
     assert not (tmp_path / "rb" / "model_info" / "cifar10" / "Linf" / "Test2026Export_R18.json").read_text().endswith("\n")
+    # a partial check on the first 4 images compares against the evaluation's per-example flags
+    code, out, err = run_cli(capsys, *args, "--n-ex", "4")
+    assert code == 0 and "matches the results" in out, err
+    code, _, err = run_cli(capsys, *args, "--n-ex", "9")
+    assert code == 2 and "cover only 8 images" in err
     # results that do not belong to the checkpoint are refused
     results["model_sha256"] = "0" * 64
     (tmp_path / "res.json").write_text(json.dumps(results))
