@@ -288,11 +288,14 @@ def chunk_path(out: Path, start: int, end: int) -> Path:
     return out / "chunks" / f"chunk_{start:07d}_{end:07d}.pt"
 
 
-def check_manifest(out: Path, wanted: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Create OUT/manifest.json, or check an existing one: resuming needs identical settings."""
+def check_manifest(out: Path, wanted: dict[str, Any], resume: bool, overwrite: bool, sharded: bool = False) -> None:
+    """Create OUT/manifest.json, or check an existing one: resuming (or joining sibling shards in a
+    shared directory) needs identical settings."""
     path = out / "manifest.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if sharded and old == wanted and not overwrite:
+            return
         if overwrite:
             for file in (out / "chunks").glob("chunk_*.pt"):
                 file.unlink()
@@ -399,12 +402,19 @@ def summarise(man: dict[str, Any], agg: dict[str, Any], extra_info: dict[str, An
     return results
 
 
+def _model_label(r: dict[str, Any]) -> str:
+    model = r.get("model") or {}
+    if model.get("robustbench_name"):
+        return f"RobustBench {model['robustbench_name']}"
+    return model.get("path") or f"merged from {', '.join(r.get('merged_from', []))}"
+
+
 def results_markdown(r: dict[str, Any]) -> str:
     """The human-readable twin of results.json."""
     lines = [
         f"# AutoAttack ({r['version']}, {r['norm']}, ε = {r['eps']})",
         "",
-        f"Model `{r.get('model', {}).get('path') or r.get('model', {}).get('robustbench_name')}` "
+        f"Model `{_model_label(r)}` "
         f"(sha256 `{r['model_sha256'][:16]}…`), {r['dataset']}, first {r['n_ex']} test images, seed {r['seed']}, "
         f"batch {r['batch_size']}, chunk {r['chunk_size'] or 'all'}; guards {'on' if r['guards'] else 'OFF (--no-guards)'}.",
         "",
@@ -448,7 +458,7 @@ def run_evaluation(
     if shard[1] > 1 and cfg.chunk_size == 0:
         raise GKLError("--shard needs --chunk-size N (the same for every shard) to split the work")
     wanted = manifest(cfg, loaded.sha256 or "unknown")
-    check_manifest(out, wanted, resume, overwrite)
+    check_manifest(out, wanted, resume, overwrite, sharded=shard[1] > 1)
     ranges = chunk_ranges(len(x), cfg.chunk_size)
     mine = [r for i, r in enumerate(ranges) if i % shard[1] == shard[0]]
     todo = [r for r in mine if not chunk_path(out, *r).is_file()]

@@ -248,3 +248,12 @@ def test_individual_attacks_and_cw_pgd_stay_in_the_ball(trained, tmp_path, capsy
         assert cw_margin_loss(model(x_adv), None, y) >= cw_margin_loss(model(x), None, y)
     cfg = EvalConfig(dataset="synthetic", batch_size=8, eps=2 / 255)
     assert pgd_flags(model, x, y, "cw", 5, cfg, torch.device("cpu")).shape == (16,)
+
+
+def test_shards_can_share_one_output_directory(trained, tmp_path, capsys):
+    base = ["eval-aa", trained, "--dataset", "synthetic", "--chunk-size", "24", *AA, "--out", tmp_path / "shared"]
+    code, out, _ = run_cli(capsys, *base, "--shard", "0/2")
+    assert code == 0 and "--merge" in out
+    code, out, err = run_cli(capsys, *base, "--shard", "1/2")  # the last shard completes the set and merges
+    assert code == 0, err
+    assert results(tmp_path / "shared")["n_ex"] == 48 and "merged from" not in (tmp_path / "shared" / "results.md").read_text()
