@@ -224,7 +224,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr
-    assert "interrupted" in stderr and "--resume" in stderr
+    assert "interrupted" in stderr and "SIGTERM received" in stderr and "--resume" in stderr
     state = weights(out / "last.pt")["train_state"]
     assert not state["finished"] and state["global_step"] >= 1
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)

@@ -201,7 +201,7 @@ class Engine:
         self.meters = Meters()
         self.best: dict[str, Any] = {}
         self.log = MetricsLog(self.out_dir, self.main, recipe.output.tensorboard)
-        self._stop_requested = False
+        self._stop_requested: str | bool = False
 
     # ----------------------------------------------------------------------------------- set-up
 
@@ -366,9 +366,8 @@ class Engine:
     def _request_stop(self, signum: int, _frame: Any) -> None:
         if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to end
-        self._stop_requested = True
-        if self.main:
-            self.console.print(f"[yellow]signal {signum}: stopping after this step and saving a checkpoint[/]")
+        # only set a flag: printing here could re-enter the console mid-print; the loop reports it
+        self._stop_requested = signal.Signals(signum).name
 
     def fit(self, interrupt_after_steps: Optional[int] = None) -> dict[str, Any]:
         """Train to the end (or resume to the end) and return the results.
@@ -429,8 +428,9 @@ class Engine:
                     self._save_last()
                 if stop:
                     progress.end()
+                    reason = f"{self._stop_requested} received; " if self._stop_requested else ""
                     raise Interrupted(
-                        f"stopped at epoch {epoch}, step {self.batch}/{self.steps_per_epoch}; "
+                        f"{reason}stopped at epoch {epoch}, step {self.batch}/{self.steps_per_epoch}; "
                         f"checkpoint {self.out_dir / 'last.pt'}; continue with --resume"
                     )
             rate = progress.end()
