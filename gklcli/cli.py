@@ -109,24 +109,26 @@ def _default_out(recipe_name: str) -> str:
     return f"runs/{recipe_name}"
 
 
-@app.command("train-at")
-def train_at_cmd(
-    recipe: str = typer.Argument(..., help="An AT recipe file or name (e.g. cifar100_basic, quickstart)."),
-    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a setting: --set loss.gamma=0.4 (repeatable)."),
-    output: Optional[str] = typer.Option(None, "--out", help="Output directory (default: output.dir or runs/<recipe name>)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset root (default: data.root or ./data)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (a finished run is left as is)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output directory that holds a run."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; one line per epoch (for log files)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
-) -> None:
-    """Adversarial training with GKL (or IKL, DKL, TRADES); runs under torchrun for multi-GPU DDP."""
+RECIPE_OPT = typer.Option([], "--set", "-s", help="Override a setting: --set loss.gamma=0.4 (repeatable).")
+OUT_OPT = typer.Option(None, "--out", help="Output directory (default: output.dir or runs/<recipe name>).")
+DATA_OPT = typer.Option(None, "--data-dir", help="Dataset root (default: data.root or ./data).")
+RESUME_OPT = typer.Option(False, "--resume", help="Continue from OUT/last.pt (a finished run is left as is).")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Start over in an output directory that holds a run.")
+DRY_OPT = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit.")
+SEEDS_OPT = typer.Option(1, "--seeds", min=1, help="Run N seeds (train.seed, +1, …) into OUT/seed<k> and report mean ± std.")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars; one line per epoch (for log files).")
+DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available).")
+
+
+def _train_command(kind: str, recipe: str, overrides: List[str], output: Optional[str], data_dir: Optional[str], resume: bool,
+                   overwrite: bool, dry_run: bool, seeds: int, quiet: bool, device: Optional[str]) -> None:
+    """The shared body of `gkl train-at` and `gkl distill`: resolve, plan or run (per seed), report."""
     from gklcli.recipes import load_recipe, resolve_recipe_path
 
+    command = {"at": "train-at", "kd": "distill"}[kind]
     resolved = load_recipe(resolve_recipe_path(recipe), overrides)
-    if resolved.kind != "at":
-        raise GKLError(f"{recipe}: kind is {resolved.kind!r}; `gkl train-at` needs an adversarial-training recipe (kind: at)")
+    if resolved.kind != kind:
+        raise GKLError(f"{recipe}: kind is {resolved.kind!r}; `gkl {command}` needs a recipe with kind: {kind}")
     if overwrite:
         resolved.output.overwrite = True
     if dry_run:
@@ -135,22 +137,58 @@ def train_at_cmd(
         sys.stdout.write(resolved.to_yaml())
         print_plan(build_plan(resolved), resolved, out)
         return
-    from gklcli.train.at import train_at
     from gklcli.train.engine import Interrupted
+    from gklcli.train.seeds import run_seeds
 
     out_dir = output or resolved.output.dir or _default_out(resolved.meta.name)
     try:
-        results = train_at(resolved, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=out)
+        results = run_seeds(resolved, seeds, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=out)
     except Interrupted as stop:
         err.print(f"[yellow]interrupted:[/yellow] {escape(str(stop))}")
         raise typer.Exit(3)
     if os.environ.get("RANK", "0") != "0":
         return
+    if seeds > 1:
+        out.print(f"{seeds} seeds: {out_dir}/seeds.md")
+        for key, stats in results["summary"].items():
+            out.print(f"{key}: {stats['mean']:.2f} ± {stats['std']:.2f}")
+        return
     out.print(f"results: {out_dir}/results.json, summary: {out_dir}/summary.md")
-    best, last = results.get("best", {}), results.get("last", {})
-    for name, row in (("last", last), ("best", best)):
+    for name in ("last", "best"):
+        row = results.get(name) or {}
         if row:
             out.print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+
+
+@app.command("train-at")
+def train_at_cmd(
+    recipe: str = typer.Argument(..., help="An AT recipe file or name (e.g. cifar100_basic, quickstart)."),
+    overrides: List[str] = RECIPE_OPT, output: Optional[str] = OUT_OPT, data_dir: Optional[str] = DATA_OPT,
+    resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT, dry_run: bool = DRY_OPT, seeds: int = SEEDS_OPT,
+    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Adversarial training with GKL (or IKL, DKL, TRADES); runs under torchrun for multi-GPU DDP."""
+    _train_command("at", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device)
+
+
+@app.command("distill")
+def distill_cmd(
+    recipe: str = typer.Argument(..., help="A distillation recipe file or name (e.g. kd_cifar100_res32x4_res8x4)."),
+    overrides: List[str] = RECIPE_OPT, output: Optional[str] = OUT_OPT, data_dir: Optional[str] = DATA_OPT,
+    resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT, dry_run: bool = DRY_OPT, seeds: int = SEEDS_OPT,
+    teacher_only: bool = typer.Option(False, "--teacher-only", help="Only report the teacher's accuracy, then exit."),
+    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Knowledge distillation with GKL-KD (or IKL-KD, KD, JSD) from a frozen teacher; torchrun for DDP."""
+    if teacher_only:
+        from gklcli.recipes import load_recipe, resolve_recipe_path
+        from gklcli.train.kd import teacher_report
+
+        resolved = load_recipe(resolve_recipe_path(recipe), overrides)
+        report = teacher_report(resolved, data_dir=data_dir, device=device)
+        out.print_json(json.dumps(report))
+        return
+    _train_command("kd", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device)
 
 
 def _parse_list(text: Optional[str], what: str, convert) -> list:

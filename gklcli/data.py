@@ -29,6 +29,7 @@ from torch import Tensor
 from gklcli.errors import GKLError
 
 CIFAR_SIZES = {"cifar10": (50000, 10000, 10), "cifar100": (50000, 10000, 100)}
+KNOWN_TRAIN_SIZES = {"imagenet": 1281167, "imagenet-lt": 115846}  # for plans, without reading the data
 _SPLIT_SEED = 0  # the validation split is the same for every run and seed (never the test set)
 
 
@@ -52,6 +53,89 @@ class ArraySource:
         """One image as a C×H×W uint8 tensor and its label."""
         img = torch.from_numpy(np.array(self.images[index], copy=True)).permute(2, 0, 1)
         return img, int(self.labels[index])
+
+    eval_get = get  # fixed-size images need no evaluation transform
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def subset(self, indices: np.ndarray, name: str) -> "ArraySource":
+        """Row subset; memmaps stay unmaterialised."""
+        return ArraySource(_IndexedArray(self.images, indices), self.labels[indices], name)
+
+
+@dataclass
+class FileSource:
+    """Images in files (ImageNet ImageFolder, ImageNet-LT lists), decoded on access to uint8 C×H×W.
+
+    `get` returns the full image (training crops it); `eval_get` the standard evaluation view:
+    resize the short side to size·256/224, then centre-crop `size`.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    name: str
+    size: int = 224
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    def get(self, index: int) -> tuple[Tensor, int]:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        try:
+            img = decode_image(read_file(self.paths[index]), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as error:
+            raise GKLError(f"{self.paths[index]}: cannot read image ({error})") from None
+        return img, int(self.labels[index])
+
+    def eval_get(self, index: int) -> tuple[Tensor, int]:
+        from torchvision.transforms.v2 import functional as TF
+
+        img, label = self.get(index)
+        img = TF.resize(img, [round(self.size * 256 / 224)], antialias=True)
+        return TF.center_crop(img, [self.size, self.size]), label
+
+    def subset(self, indices: np.ndarray, name: str) -> "FileSource":
+        return FileSource([self.paths[i] for i in indices], self.labels[indices], name, self.size)
+
+
+def image_folder(root: Path, size: int, name: str) -> FileSource:
+    """torchvision ImageFolder layout: one folder per class, classes in sorted order."""
+    if not root.is_dir():
+        raise GKLError(f"{name}: {root} not found; expected one sub-folder per class (ImageFolder layout)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((root / cls).iterdir()):
+            if file.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
+                paths.append(str(file))
+                labels.append(label)
+    if not paths:
+        raise GKLError(f"{name}: no images under {root}")
+    return FileSource(paths, np.asarray(labels, dtype=np.int64), name, size)
+
+
+def image_list(root: Path, list_file: str, size: int, name: str) -> FileSource:
+    """ImageNet-LT list files: `relative/path.JPEG label` per line, paths relative to the data root."""
+    path = Path(list_file) if Path(list_file).is_absolute() else root / list_file
+    if not path.is_file():
+        raise GKLError(f"{name}: list file {path} not found (ImageNet-LT's {Path(list_file).name}; pass --data-dir)")
+    paths, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise GKLError(f"{path}:{number}: expected 'relative/path.jpg label', got {line!r}")
+        paths.append(str(root / parts[0]))
+        labels.append(int(parts[1]))
+    return FileSource(paths, np.asarray(labels, dtype=np.int64), name, size)
 
 
 def _check_arrays(images: Any, labels: np.ndarray, name: str, num_classes: Optional[int]) -> None:
@@ -158,17 +242,12 @@ def make_synthetic(num: int, num_classes: int, image_size: int, seed: int, split
 class DataBundle:
     """The training set, the held-out validation set, the test set (if any), the generated set."""
 
-    train: ArraySource
-    val: Optional[ArraySource]
-    test: Optional[ArraySource]
+    train: Any  # ArraySource or FileSource
+    val: Optional[Any]
+    test: Optional[Any]
     generated: Optional[ArraySource]
     num_classes: int
     dataset: str
-
-
-def _subset(source: ArraySource, indices: np.ndarray, name: str) -> ArraySource:
-    """Row subset; for memmaps only the (small) index array is materialised lazily."""
-    return ArraySource(_IndexedArray(source.images, indices), source.labels[indices], name)
 
 
 class _IndexedArray:
@@ -194,7 +273,7 @@ def split_validation(source: ArraySource, val_size: int) -> tuple[ArraySource, O
         raise GKLError(f"data.val_size: {val_size} leaves no training images (the training set has {len(source)})")
     perm = torch.randperm(len(source), generator=torch.Generator().manual_seed(_SPLIT_SEED)).numpy()
     val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
-    return _subset(source, train_idx, f"{source.name} (train split)"), _subset(source, val_idx, f"{source.name} (validation split)")
+    return source.subset(train_idx, f"{source.name} (train split)"), source.subset(val_idx, f"{source.name} (validation split)")
 
 
 def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[int] = None) -> DataBundle:
@@ -214,6 +293,16 @@ def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[i
         train = load_npz(cfg.path, num_classes)
         classes = num_classes or int(train.labels.max()) + 1
         test = load_npz(cfg.test_path, classes) if cfg.test_path else None
+    elif name == "imagenet":
+        train = image_folder(root / "train", cfg.image_size, "imagenet train")
+        test = image_folder(root / "val", cfg.image_size, "imagenet val")
+        classes = int(train.labels.max()) + 1
+    elif name == "imagenet-lt":
+        train = image_list(root, cfg.lt_train_list, cfg.image_size, "imagenet-lt train")
+        classes = num_classes or 1000
+        test = image_list(root, cfg.lt_test_list, cfg.image_size, "imagenet-lt test")
+        val = image_list(root, cfg.lt_val_list, cfg.image_size, "imagenet-lt val")
+        return DataBundle(train, val, test, None, classes, name)
     else:
         raise GKLError(f"data.dataset: {name!r} is not available for this command (use cifar10, cifar100, npz or synthetic)")
     if num_classes is not None and num_classes != classes:
@@ -239,10 +328,12 @@ def train_set_sizes(cfg: Any) -> tuple[int, int]:
         n = cfg.synthetic.num_train
     elif name == "npz":
         n = len(load_npz(cfg.path).labels)
+    elif name in KNOWN_TRAIN_SIZES:
+        n = KNOWN_TRAIN_SIZES[name]
     else:
         raise GKLError(f"data.dataset: {name!r} is not available for this command")
     gen = len(load_npz(cfg.generated.path).labels) if cfg.generated.path else 0
-    return n - cfg.val_size, gen
+    return n - (cfg.val_size if name != "imagenet-lt" else 0), gen
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,17 +361,22 @@ def crop_flip(img: Tensor, gen: torch.Generator, padding: int = 4) -> Tensor:
     return out
 
 
-class _AutoAugment:
-    """torchvision's AutoAugment with the CIFAR10 policy, made reproducible per sample.
+class _SeededTransform:
+    """A torchvision transform made reproducible per sample.
 
     torchvision draws from the global torch RNG, so the call runs inside `fork_rng` seeded with the
     sample's seed: the result depends only on (seed, epoch, index), and the caller's RNG is untouched.
+    kinds: ``autoaug`` (AutoAugment, CIFAR10 policy) and ``resized_crop`` (RandomResizedCrop(size)
+    and a horizontal flip, the standard ImageNet training augmentation).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str, size: int = 224) -> None:
         from torchvision.transforms import v2
 
-        self.transform = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+        if kind == "autoaug":
+            self.transform = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+        else:
+            self.transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
     def __call__(self, img: Tensor, seed: int) -> Tensor:
         with torch.random.fork_rng(devices=[]):
@@ -296,10 +392,13 @@ class TrainView(torch.utils.data.Dataset):
     """
 
     def __init__(self, real: ArraySource, generated: Optional[ArraySource], augment: str, seed: int):
-        if augment not in ("basic", "autoaug", "none"):
-            raise GKLError(f"data.augment: {augment!r} is not supported for adversarial training (basic, autoaug, none)")
+        if augment == "mdistiller":  # mdistiller's CIFAR augmentation is the basic crop + flip
+            augment = "basic"
+        if augment not in ("basic", "autoaug", "none", "imagenet"):
+            raise GKLError(f"data.augment: {augment!r} is not supported (basic, mdistiller, autoaug, imagenet, none)")
         self.real, self.generated, self.augment, self.seed = real, generated, augment, seed
-        self._autoaug = _AutoAugment() if augment == "autoaug" else None
+        self._autoaug = _SeededTransform("autoaug") if augment == "autoaug" else None
+        self._resized_crop = _SeededTransform("resized_crop", real.image_size) if augment == "imagenet" else None
 
     def __len__(self) -> int:
         return len(self.real) + (len(self.generated) if self.generated is not None else 0)
@@ -312,6 +411,8 @@ class TrainView(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(seed)
         if self.augment == "none":
             return img, label
+        if self._resized_crop is not None:
+            return self._resized_crop(img, seed), label
         basic = crop_flip(img, gen)
         if self._autoaug is None:
             return basic, label
@@ -330,7 +431,7 @@ class EvalView(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.source.get(index)
+        return self.source.eval_get(index)
 
 
 def to_float(images: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:

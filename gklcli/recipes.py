@@ -84,6 +84,11 @@ class DataCfg:
     root: Optional[str] = None  # dataset directory (`--data-dir`); None: ./data
     download: bool = True  # torchvision download when the files are missing (needs internet)
     path: Optional[str] = None  # the .npz training file for dataset=npz (keys `image`, `label`)
+    # ImageNet-LT: the standard list files (`relative/path.jpg label` per line) under the data root
+    lt_train_list: str = "ImageNet_LT_train.txt"
+    lt_val_list: str = "ImageNet_LT_val.txt"
+    lt_test_list: str = "ImageNet_LT_test.txt"
+    image_size: int = _num(224, 8)  # ImageNet crops
     test_path: Optional[str] = None  # an .npz test file for dataset=npz (final test numbers)
     augment: Literal["basic", "autoaug", "mdistiller", "imagenet", "none"] = "basic"
     batch_size: int = _num(128, 1)
@@ -117,6 +122,7 @@ class LossCfg:
     aug_weight: float = _num(0.5, 0.0)  # weight of the AutoAugment view's robust term
     label_smoothing: float = _num(0.0, 0.0, 1.0)
     warmup_epochs: int = _num(0, 0)  # KD: the distillation term is scaled by min(epoch/warmup, 1)
+    kd_weight: float = _num(1.0, 0.0)  # weight of the KL (KD) or JSD distillation term
 
 
 @dataclass
@@ -181,10 +187,11 @@ class EmaCfg:
 
 @dataclass
 class TeacherCfg:
-    """The frozen teacher of distillation."""
+    """The frozen teacher of distillation: a registry architecture and a weight file (gkl checkpoint,
+    mdistiller `{"model": …}`, RobustBench `{"state_dict": …}`, or a plain/torchvision state dict)."""
 
     arch: Optional[str] = None
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = None  # relative paths are looked up under --data-dir's parent and ./
 
 
 @dataclass
@@ -327,10 +334,14 @@ def resolve_recipe_path(name: str) -> Path:
     if not name.endswith((".yaml", ".yml")):
         candidates.append(Path(name + ".yaml"))
     for folder in (Path("recipes"), RECIPES_DIR):
-        candidates += [folder / c.name for c in candidates[:2]]
+        candidates += [folder / c for c in candidates[:2]]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    stem = Path(name).stem if name.endswith((".yaml", ".yml")) else Path(name).name
+    found = sorted(p for p in RECIPES_DIR.rglob(f"{stem}.yaml") if "base" not in p.parts)
+    if len(found) == 1:  # a bundled recipe in a sub-folder, named without it (kd/… → …)
+        return found[0]
     raise GKLError(f"recipe not found: {name} (give a path, or a name from {RECIPES_DIR})")
 
 

@@ -90,6 +90,7 @@ class Context:
     env: DistEnv
     autocast: Callable[[], contextlib.AbstractContextManager]
     channels_last: bool
+    class_counts: Optional[Tensor] = None  # training images per class (ImageNet-LT groups)
 
 
 @dataclass
@@ -194,6 +195,7 @@ class Engine:
             self.env,
             (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext,
             recipe.model.channels_last,
+            torch.bincount(torch.as_tensor(self.data.train.labels), minlength=self.num_classes),
         )
         self.step = make_step(self.context)
         self._build_loaders()
@@ -274,7 +276,7 @@ class Engine:
             "arch": get_spec(r.model.arch).name,
             "num_classes": self.num_classes,
             "dataset": r.data.dataset,
-            "image_size": int(self.data.train.images.shape[1]),
+            "image_size": self.data.train.image_size,
             "input_norm": input_norm(self.module),
             "recipe": r.to_dict(),
             "recipe_hash": r.content_hash(),

@@ -80,10 +80,18 @@ def print_plan(plan: dict[str, Any], recipe: Recipe, console: Console) -> None:
         + (f", {plan['generated_images']:,} generated mixed at {recipe.data.generated.fraction:g}" if plan["generated_images"] else "")
         + ")"
     )
+    if recipe.kind == "kd":
+        method = {"kd": f"KD (T={loss.temperature:g}, CE {loss.ce_weight:g}, KD {loss.kd_weight:g}, ×T²)",
+                  "jsd": f"JSD (T={loss.temperature:g}, weight {loss.kd_weight:g})", "ce": "CE only"}.get(
+            loss.name, f"{loss.name.upper()}-KD (α={loss.alpha:g}, β={loss.beta:g}, γ={loss.gamma:g}, T={loss.temperature:g}, "
+                       f"T2={loss.weight_temperature:g}, {'class-wise (GI)' if loss.weights == 'class' else 'sample-wise'} weights)")
+        detail = f"teacher {recipe.teacher.arch} ({recipe.teacher.checkpoint}); {method}; warm-up {loss.warmup_epochs} epochs"
+    else:
+        detail = (f"loss {loss.name} (α={loss.alpha:g}, β={loss.beta:g}, γ={loss.gamma:g}, τ={loss.prior_temperature:g}, "
+                  f"{loss.weights}-wise weights)")
     console.print(
         f"{plan['epochs']} epochs × {plan['steps_per_epoch']:,} steps = {plan['total_steps']:,} steps at batch "
-        f"{plan['batch_size']}; loss {loss.name} (α={loss.alpha:g}, β={loss.beta:g}, γ={loss.gamma:g}, τ={loss.prior_temperature:g}, "
-        f"{loss.weights}-wise weights); averaging {recipe.ema.mode}"
+        f"{plan['batch_size']}; {detail}; lr {recipe.optim.lr:g} {recipe.schedule.lr_schedule}; averaging {recipe.ema.mode}"
         + (f" τ={recipe.ema.tau:g}" if recipe.ema.mode != "none" else "")
     )
     if not plan["segments"]:
