@@ -86,13 +86,14 @@ class FileSource:
         return self.size
 
     def get(self, index: int) -> tuple[Tensor, int]:
-        from torchvision.io import ImageReadMode, decode_image, read_file
+        from PIL import Image  # what torchvision's ImageFolder decodes with
 
         try:
-            img = decode_image(read_file(self.paths[index]), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as error:
+            with Image.open(self.paths[index]) as im:
+                pixels = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        except OSError as error:
             raise GKLError(f"{self.paths[index]}: cannot read image ({error})") from None
-        return img, int(self.labels[index])
+        return torch.from_numpy(pixels).permute(2, 0, 1), int(self.labels[index])
 
     def eval_get(self, index: int) -> tuple[Tensor, int]:
         from torchvision.transforms.v2 import functional as TF

@@ -1,0 +1,88 @@
+"""Seconds per iteration of a GKL-KD step relative to a KD step, measured in the same process.
+
+Both steps run through the real engine (`Engine.train_step`: teacher forward under inference_mode,
+student forward/backward, SGD) with the same teacher, the same student weights and the same batch;
+only the distillation loss differs (GKL with the class prior vs Hinton's KD). Steps alternate so
+machine drift affects both. Target (issue 5): GKL-KD ≤ 1.05× the KD time. The paper's Table V
+compares s/iter the same way (0.197 s/iter for both IKL-KD and GKL-KD, ResNet34 → ResNet18).
+
+    python benchmarks/bench_distill_step.py                       # CPU: resnet32x4 → resnet8x4, C = 100, batch 64
+    python benchmarks/bench_distill_step.py --device cuda --teacher resnet34 --student resnet18 --classes 1000 --size 224 --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from gklcli.models import create_model
+from gklcli.recipes import RECIPES_DIR, load_recipe
+from gklcli.train.engine import Engine
+from gklcli.train.kd import DistillStep, load_teacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="resnet32x4")
+    parser.add_argument("--student", default="resnet8x4")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_file = Path(tmp) / "teacher.pth"
+        torch.manual_seed(0)
+        torch.save({"model": create_model(args.teacher, args.classes).state_dict()}, teacher_file)
+        engines = {}
+        for name, loss in (("GKL-KD", ["loss.name=gkl"]), ("KD", ["loss.name=kd", "loss.ce_weight=0.1", "loss.kd_weight=0.9"])):
+            recipe = load_recipe(RECIPES_DIR / "kd" / "cifar100_res32x4_res8x4.yaml", [
+                f"model.arch={args.student}", f"teacher.arch={args.teacher}", f"teacher.checkpoint={teacher_file}",
+                "data.dataset=synthetic", f"data.synthetic.num_classes={args.classes}", f"data.synthetic.image_size={args.size}",
+                f"data.synthetic.num_train={args.batch * 2}", "data.synthetic.num_test=16", f"data.batch_size={args.batch}",
+                "data.num_workers=0", "output.tensorboard=false", *loss])
+            engines[name] = Engine(recipe, lambda ctx, r=recipe: DistillStep(ctx, load_teacher(r, ctx.num_classes, ctx.env.device, None)),
+                                   out_dir=Path(tmp) / name, quiet=True, device=args.device)
+        engines["KD"].module.load_state_dict(engines["GKL-KD"].module.state_dict())
+        batch = next(iter(engines["GKL-KD"]._train_loader(30, 0)))
+        device = engines["GKL-KD"].env.device
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for engine in engines.values():
+            engine.step.begin_epoch(30)  # after the warm-up: the full distillation term
+        for round_ in range(args.warmup + args.rounds):
+            for name, engine in engines.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                engine.train_step(batch, 30, 0.05)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if round_ >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["KD"])
+    rows = [{"step": n, "s_per_iter": statistics.median(v), "img_s": args.batch / statistics.median(v),
+             "ratio_to_kd": statistics.median(v) / base} for n, v in times.items()]
+    table = Table(title=f"distillation step, {args.teacher} → {args.student}, C={args.classes}, {args.size}px, batch {args.batch}, "
+                        f"{args.device} ({args.rounds} interleaved rounds)")
+    for column in ("step", "s/iter", "img/s", "× KD"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["step"], f"{row['s_per_iter']:.4f}", f"{row['img_s']:.1f}", f"{row['ratio_to_kd']:.3f}")
+    Console().print(table)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"args": vars(args), "rows": rows, "torch": torch.__version__}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
