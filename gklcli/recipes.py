@@ -108,7 +108,7 @@ class LossCfg:
     ``--beta`` is α here (see `gklcli.losses`).
     """
 
-    name: Literal["gkl", "ikl", "dkl", "trades", "kd", "jsd", "ce"] = "gkl"
+    name: Literal["gkl", "ikl", "dkl", "trades", "kd", "jsd", "dkd", "ce"] = "gkl"
     alpha: float = _num(20.0, 0.0)  # α: wMSE weight (the term is α/4·‖·‖²)
     beta: float = _num(4.0, 0.0)  # β: soft-label cross-entropy weight
     gamma: float = _num(1.0, 0.0, 1.0)  # γ: power on the wMSE weights
@@ -499,7 +499,7 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
     require(sched.warmup_epochs < sched.epochs, "schedule.warmup_epochs", f"must be < schedule.epochs ({sched.epochs})")
     if recipe.kind == "kd":
         require(recipe.teacher.arch is not None, "teacher.arch", "kind 'kd' needs a teacher architecture")
-        require(recipe.loss.name in ("gkl", "ikl", "kd", "jsd", "ce"), "loss.name", f"{recipe.loss.name!r} is not a distillation loss")
+        require(recipe.loss.name in ("gkl", "ikl", "kd", "jsd", "dkd", "ce"), "loss.name", f"{recipe.loss.name!r} is not a distillation loss")
     else:
         require(recipe.loss.name in ("gkl", "ikl", "dkl", "trades"), "loss.name", f"{recipe.loss.name!r} is not an adversarial-training loss")
 

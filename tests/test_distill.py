@@ -197,3 +197,19 @@ def test_imagenet_folder_and_lt_lists(tmp_path):
     lt = load_recipe(RECIPES_DIR / "kd/imagenet_lt_x101_r18.yaml", ["data.image_size=32"])
     with pytest.raises(GKLError, match=r"ImageNet_LT_test.txt:2: expected 'relative/path.jpg label'"):
         build_data(lt.data, str(tmp_path), 1000)
+
+
+def test_dkd_matches_its_paper_definition():
+    from gklcli.losses import dkd_loss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 3, 5, 3])
+    T, a, b = 4.0, 1.0, 8.0
+    total = 0.0
+    for i in range(4):
+        p, q = F.softmax(t[i] / T, 0), F.softmax(s[i] / T, 0)
+        bt, bs = torch.stack([p[y[i]], 1 - p[y[i]]]), torch.stack([q[y[i]], 1 - q[y[i]]])
+        keep = torch.arange(6) != y[i]
+        ph, qh = p[keep] / (1 - p[y[i]]), q[keep] / (1 - q[y[i]])
+        total += T * T * (a * (bt * (bt / bs).log()).sum() + b * (ph * (ph / qh).log()).sum())
+    assert float(dkd_loss(s, t, y, alpha=a, beta=b, temperature=T)) == pytest.approx(float(total) / 4, rel=1e-4)

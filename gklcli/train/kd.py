@@ -9,6 +9,7 @@ Loss = ce_weight·CE(student, y) + min(epoch/warmup, 1)·D(student, teacher) wit
 * ``ikl``: the conference version (γ = 1, wMSE / B; v1 configs: sample-wise, T2 = 100).
 * ``kd``: Hinton's KD, kd_weight·T²·KL(softmax(t/T) ‖ softmax(s/T)) (mdistiller's `kd_loss`).
 * ``jsd``: kd_weight·JSD(softmax(t/T), softmax(s/T)) (appendix §6.6, Table XXIV).
+* ``dkd``: the DKD baseline, α·TCKD + β·NCKD (×T²) with mdistiller's warm-up.
 
 The official configs swap the names: mdistiller's ``GKL_KD.ALPHA`` is the paper's β (soft-label CE)
 and ``GKL_KD.BETA`` the paper's α (wMSE). Recipes use the paper's names.
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from gklcli.data import to_float
 from gklcli.errors import GKLError
-from gklcli.losses import ClassPrior, gkl_terms, kl_div
+from gklcli.losses import ClassPrior, dkd_loss, gkl_terms, kl_div
 from gklcli.train.distributed import all_reduce_sum
 from gklcli.train.engine import Context, StepResult
 
@@ -102,6 +103,8 @@ class DistillStep:
             return c.kd_weight * c.temperature ** 2 * kl_div(s, t, c.temperature)
         if c.name == "jsd":
             return c.kd_weight * jsd(s, t, c.temperature)
+        if c.name == "dkd":  # α weights TCKD and β NCKD, as in the DKD paper and mdistiller
+            return dkd_loss(s, t, y, alpha=c.alpha, beta=c.beta, temperature=c.temperature)
         if c.name == "ce":
             return s.new_zeros(())
         ikl = c.name == "ikl"
