@@ -28,10 +28,20 @@ def test_bundled_recipe_merges_its_base_and_uses_paper_values():
 
 
 def test_every_bundled_recipe_validates():
-    files = sorted(p for p in RECIPES_DIR.rglob("*.yaml"))
-    assert files
+    files = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "base" not in p.parts)  # bases are partial
+    assert len(files) > 60
     for path in files:
         load_recipe(path)
+    used = {b.resolve() for p in files for b in [p.parent / e for e in _extends(p)]}
+    used |= {b.resolve() for p in RECIPES_DIR.glob("base/*.yaml") for b in [p.parent / e for e in _extends(p)]}
+    assert set(RECIPES_DIR.glob("base/*.yaml")) <= {u for u in used}, "a base recipe nobody extends"
+
+
+def _extends(path) -> list:
+    import yaml
+
+    value = yaml.safe_load(path.read_text()).get("extends", [])
+    return [value] if isinstance(value, str) else value
 
 
 def test_overrides_are_yaml_typed_and_fractions_become_floats():
