@@ -88,7 +88,8 @@ def _train_state(path):
     return state["model"], state["train_state"]
 
 
-@pytest.mark.parametrize("interrupt_after", [3, 7, 14])  # mid-epoch 1, mid-epoch 2 (AWP on), epoch end
+# mid-epoch 1; mid-epoch 2 (AWP on); right after epoch 2's last step, before its epoch-end work (6 steps/epoch)
+@pytest.mark.parametrize("interrupt_after", [3, 7, 12])
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, interrupt_after):
     recipe = tiny("data.augment=autoaug", "train.save_every_steps=5")
     train_at(recipe, out_dir=tmp_path / "a", quiet=True)
@@ -106,7 +107,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, interrupt_after)
     for key, value in state_a["optimizer"]["state"].items():
         assert torch.equal(value["momentum_buffer"], state_b["optimizer"]["state"][key]["momentum_buffer"])
     assert torch.equal(state_a["step"]["prior"]["prior"], state_b["step"]["prior"]["prior"])
-    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("img_s", "seconds")}  # noqa: E731
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("img_s", "seconds", "s_iter")}  # noqa: E731
     metrics = [[strip(json.loads(x)) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
     assert metrics[0] == metrics[1]
 

@@ -100,11 +100,13 @@ class Meters:
     sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
     seconds: float = 0.0
+    steps: int = 0
 
     def add(self, metrics: dict[str, Tensor | float], n: int) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
         self.count += n
+        self.steps += 1
 
     def means(self, device: torch.device) -> dict[str, float]:
         keys = sorted(self.sums)
@@ -299,7 +301,8 @@ class Engine:
                 "epoch": self.epoch,
                 "batch": self.batch,
                 "global_step": self.global_step,
-                "meters": {"sums": dict(self.meters.sums), "count": self.meters.count, "seconds": self.meters.seconds},
+                "meters": {"sums": dict(self.meters.sums), "count": self.meters.count, "seconds": self.meters.seconds,
+                           "steps": self.meters.steps},
                 "best": dict(self.best),
                 "finished": finished,
                 "world_size": self.env.world_size,
@@ -335,7 +338,7 @@ class Engine:
         ckpt.set_rng_state(ts["rng"])
         self.epoch, self.batch, self.global_step = ts["epoch"], ts["batch"], ts["global_step"]
         m = ts["meters"]
-        self.meters = Meters(dict(m["sums"]), int(m["count"]), float(m["seconds"]))
+        self.meters = Meters(dict(m["sums"]), int(m["count"]), float(m["seconds"]), int(m.get("steps", 0)))
         self.best = dict(ts["best"])
         self.finished = bool(ts["finished"])
         self.log.load(self.epoch - 1)
@@ -403,6 +406,9 @@ class Engine:
             progress.begin(epoch, epochs, self.steps_per_epoch, self.batch)
             tick = time.perf_counter()
             loader = self._train_loader(epoch, self.batch)
+            # a run stopped right after an epoch's last step resumes with no step left: the loop body
+            # does not run, and the epoch-end work below still happens with this lr
+            lr = learning_rate(r.optim, r.schedule, epoch, min(self.batch, self.steps_per_epoch - 1), self.steps_per_epoch)
             for batch in loader:
                 if self.batch >= self.steps_per_epoch:
                     break
@@ -486,6 +492,7 @@ class Engine:
         record.update({f"train_{k}": v for k, v in self.meters.means(self.env.device).items()})
         record["img_s"] = self.meters.count * self.env.world_size / max(self.meters.seconds, 1e-9)
         record["seconds"] = self.meters.seconds
+        record["s_iter"] = self.meters.seconds / max(self.meters.steps, 1)  # the paper's Table V unit
         if self.data.val is not None and (epoch % r.eval.every_epochs == 0 or epoch == r.schedule.epochs):
             val = self._evaluate(self.data.val, r.eval.n_val, "val")
             record.update(val)

@@ -87,7 +87,7 @@ class DistillStep:
         r = ctx.recipe
         self.ctx, self.cfg, self.teacher = ctx, r.loss, teacher
         self.device = ctx.env.device
-        uses_prior = r.loss.name == "gkl" and r.loss.weights == "class"
+        uses_prior = r.loss.name in ("gkl", "ikl") and r.loss.weights == "class"
         self.prior = ClassPrior(ctx.num_classes, r.loss.weight_temperature, self.device) if uses_prior else None
         self.class_counts = class_counts
         self.factor = 1.0
