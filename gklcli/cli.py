@@ -302,11 +302,12 @@ def export_robustbench_cmd(
     """Write a RobustBench checkpoint, model_info JSON, zoo entry and SUBMISSION.md, verified against RobustBench."""
     from pathlib import Path
 
-    from gklcli.evaluate import _pick_device, load_eval_data
+    from gklcli.evaluate import load_eval_data
+    from gklcli.train.distributed import pick_device
     from gklcli.export import export
     from gklcli.loading import load_model_file
 
-    dev = _pick_device(device)
+    dev = pick_device(device)
     loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
     results = None
     if results_file:

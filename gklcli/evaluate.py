@@ -35,6 +35,7 @@ from gklcli.attacks import ce_attack_loss, pgd_linf
 from gklcli.errors import GKLError
 from gklcli.loading import LoadedModel
 from gklcli.train.checkpoint import atomic_save, atomic_write_text, load_file
+from gklcli.train.distributed import pick_device
 
 AA_STAGE = re.compile(r"^(\S+) - \d+/\d+ - (\d+) out of \d+ successfully perturbed")
 MANIFEST_KEYS = ("model_sha256", "dataset", "n_ex", "eps", "norm", "version", "attacks", "seed", "batch_size",
@@ -491,15 +492,6 @@ def _device_name(device: torch.device) -> str:
 
 
 
-def _pick_device(requested: Optional[str]) -> torch.device:
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise GKLError(f"--device {requested}: CUDA is not available on this machine")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes: Optional[int], dataset: Optional[str],
                        data_dir: Optional[str], n_ex: int, batch_size: int, eps: float, norm: str, version: str,
                        attacks: Optional[list[str]], seed: int, chunk_size: int, shard: Optional[str], out_dir: Optional[str],
@@ -510,7 +502,7 @@ def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes:
     """`gkl eval-aa`: load, check, evaluate this shard, merge when complete."""
     from gklcli.loading import load_model_file, load_robustbench_zoo_model
 
-    dev = _pick_device(device)
+    dev = pick_device(device)
     shard_spec = parse_shard(shard)
     if (pgd or cw) and norm != "Linf":
         raise GKLError("--pgd/--cw are L∞ attacks; use them with --norm Linf")

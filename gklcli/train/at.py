@@ -184,16 +184,8 @@ class AdversarialStep:
             self.prior.load_state_dict(state["prior"])
 
 
-def train_at(recipe: Any, *, out_dir: Any, data_dir: Optional[str] = None, resume: bool = False,
-             quiet: bool = False, device: Optional[str] = None, console: Any = None,
-             interrupt_after_steps: Optional[int] = None) -> dict[str, Any]:
-    """Run (or resume) adversarial training of `recipe` into `out_dir`; returns results.json's content."""
-    from gklcli.train.distributed import shutdown
-    from gklcli.train.engine import Engine
+def train_at(recipe: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run (or resume) adversarial training of `recipe`; keyword arguments as `engine.run_training`."""
+    from gklcli.train.engine import run_training
 
-    try:
-        engine = Engine(recipe, AdversarialStep, out_dir=out_dir, data_dir=data_dir, resume=resume,
-                        quiet=quiet, device=device, console=console)
-        return engine.fit(interrupt_after_steps)
-    finally:
-        shutdown()
+    return run_training(recipe, AdversarialStep, **kwargs)

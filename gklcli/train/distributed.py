@@ -28,7 +28,8 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _pick_device(requested: Optional[str], local_rank: int) -> torch.device:
+def pick_device(requested: Optional[str], local_rank: int = 0) -> torch.device:
+    """--device if given (refusing CUDA where there is none), else cuda:LOCAL_RANK, else cpu."""
     if requested:
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -48,7 +49,7 @@ def init_distributed(requested_device: Optional[str] = None) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _pick_device(requested_device, local)
+    device = pick_device(requested_device, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

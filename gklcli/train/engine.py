@@ -566,6 +566,19 @@ class Engine:
         return results
 
 
+def run_training(recipe: Recipe, make_step: Callable[[Context], Step], *, out_dir: Any, data_dir: Optional[str] = None,
+                 resume: bool = False, quiet: bool = False, device: Optional[str] = None, console: Any = None,
+                 interrupt_after_steps: Optional[int] = None) -> dict[str, Any]:
+    """Build the engine, train (or resume) to the end, and always release the process group."""
+    from gklcli.train.distributed import shutdown
+
+    try:
+        engine = Engine(recipe, make_step, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=console)
+        return engine.fit(interrupt_after_steps)
+    finally:
+        shutdown()
+
+
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
     """One compact console line per epoch (the full record is in metrics.jsonl)."""
     parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}"]

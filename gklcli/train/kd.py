@@ -184,21 +184,15 @@ def evaluate_topk(model: nn.Module, loader: Any, prefix: str, device: torch.devi
     return out
 
 
-def train_distill(recipe: Any, *, out_dir: Any, data_dir: Optional[str] = None, resume: bool = False, quiet: bool = False,
-                  device: Optional[str] = None, console: Any = None, interrupt_after_steps: Optional[int] = None) -> dict[str, Any]:
-    """Run (or resume) distillation of `recipe` into `out_dir`; returns results.json's content."""
-    from gklcli.train.distributed import shutdown
-    from gklcli.train.engine import Engine
+def train_distill(recipe: Any, *, data_dir: Optional[str] = None, **kwargs: Any) -> dict[str, Any]:
+    """Run (or resume) distillation of `recipe`; keyword arguments as `engine.run_training`."""
+    from gklcli.train.engine import run_training
 
     def make_step(ctx: Context) -> DistillStep:
         teacher = load_teacher(recipe, ctx.num_classes, ctx.env.device, data_dir)
         return DistillStep(ctx, teacher, ctx.class_counts if recipe.data.dataset == "imagenet-lt" else None)
 
-    try:
-        engine = Engine(recipe, make_step, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=console)
-        return engine.fit(interrupt_after_steps)
-    finally:
-        shutdown()
+    return run_training(recipe, make_step, data_dir=data_dir, **kwargs)
 
 
 def teacher_report(recipe: Any, *, data_dir: Optional[str], device: Optional[str]) -> dict[str, Any]:
@@ -207,9 +201,9 @@ def teacher_report(recipe: Any, *, data_dir: Optional[str], device: Optional[str
     from types import SimpleNamespace
 
     from gklcli.data import build_data, make_eval_loader
-    from gklcli.evaluate import _pick_device
+    from gklcli.train.distributed import pick_device
 
-    dev = _pick_device(device)
+    dev = pick_device(device)
     data = build_data(recipe.data, data_dir, recipe.model.num_classes)
     teacher = load_teacher(recipe, data.num_classes, dev, data_dir)
     ctx = SimpleNamespace(num_classes=data.num_classes, channels_last=False, autocast=contextlib.nullcontext)
