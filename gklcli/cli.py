@@ -173,7 +173,7 @@ def train_at_cmd(
 
 @app.command("distill")
 def distill_cmd(
-    recipe: str = typer.Argument(..., help="A distillation recipe file or name (e.g. kd_cifar100_res32x4_res8x4)."),
+    recipe: str = typer.Argument(..., help="A distillation recipe file or name (e.g. cifar100_res32x4_res8x4)."),
     overrides: List[str] = RECIPE_OPT, output: Optional[str] = OUT_OPT, data_dir: Optional[str] = DATA_OPT,
     resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT, dry_run: bool = DRY_OPT, seeds: int = SEEDS_OPT,
     teacher_only: bool = typer.Option(False, "--teacher-only", help="Only report the teacher's accuracy, then exit."),
