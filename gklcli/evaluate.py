@@ -453,7 +453,7 @@ def write_results(out: Path, dirs: list[Path], extra_info: dict[str, Any]) -> di
 def run_evaluation(
     loaded: LoadedModel, x: Tensor, y: Tensor, cfg: EvalConfig, out: Path, *, device: torch.device,
     shard: tuple[int, int] = (0, 1), resume: bool = False, overwrite: bool = False,
-    progress: Optional[Callable[[int, int, int, str], None]] = None, guard_info: Optional[dict[str, Any]] = None,
+    progress: Optional[Callable[[int, int, str], None]] = None, guard_info: Optional[dict[str, Any]] = None,
 ) -> Optional[dict[str, Any]]:
     """Evaluate this shard's unfinished chunks; merge and return results when all chunks exist."""
     if shard[1] > 1 and cfg.chunk_size == 0:
@@ -463,14 +463,15 @@ def run_evaluation(
     ranges = chunk_ranges(len(x), cfg.chunk_size)
     mine = [r for i, r in enumerate(ranges) if i % shard[1] == shard[0]]
     todo = [r for r in mine if not chunk_path(out, *r).is_file()]
-    done_images = sum(b - a for a, b in mine) - sum(b - a for a, b in todo)
+    total = sum(b - a for a, b in mine)
+    done_images = total - sum(b - a for a, b in todo)
     for a, b in todo:
-        line = (lambda text, a=a, b=b: progress(done_images, sum(e - s for s, e in mine), b - a, text)) if progress else None
+        line = (lambda text: progress(done_images, total, text)) if progress else None
         payload = evaluate_chunk(loaded.module, x[a:b], y[a:b], a, cfg, device, line)
         atomic_save(payload, chunk_path(out, a, b))
         done_images += b - a
         if progress:
-            progress(done_images, sum(e - s for s, e in mine), 0, f"chunk {a}–{b} done")
+            progress(done_images, total, f"chunk {a}–{b} done")
     info = {"model": {"path": str(loaded.path) if loaded.path else None, "arch": loaded.arch, "source": loaded.source,
                       "num_classes": loaded.num_classes},
             "guard_checks": guard_info or {}, "device": _device_name(device)}
@@ -526,10 +527,10 @@ def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes:
         loaded, x, y, cfg, out, device=dev, shard=shard_spec, resume=resume, overwrite=overwrite, progress=report, guard_info=guard_info))
 
 
-def _with_progress(console: Any, total: int, run: Callable[[Callable[[int, int, int, str], None]], Any]) -> Any:
+def _with_progress(console: Any, total: int, run: Callable[[Callable[[int, int, str], None]], Any]) -> Any:
     """A rich progress bar over images (img/s), fed by chunk completions and pyautoattack's log lines."""
     if console is None:
-        return run(lambda *a: None)
+        return run(lambda *_: None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     tick = time.perf_counter()
@@ -537,7 +538,7 @@ def _with_progress(console: Any, total: int, run: Callable[[Callable[[int, int, 
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("aa", total=total, info="")
 
-        def report(done: int, mine: int, current: int, text: str) -> None:
+        def report(done: int, mine: int, text: str) -> None:
             bar.update(task, total=mine, completed=done, info=f"{done / max(time.perf_counter() - tick, 1e-9):.1f} img/s {text[:60]}")
 
         return run(report)

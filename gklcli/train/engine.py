@@ -240,8 +240,7 @@ class Engine:
             rank=self.env.rank,
             world_size=self.env.world_size,
         )
-        augment = "none" if r.data.augment == "none" else r.data.augment
-        self.train_view = TrainView(d.train, d.generated, augment, r.train.seed)
+        self.train_view = TrainView(d.train, d.generated, r.data.augment, r.train.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if r.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, r.train.max_steps_per_epoch)
@@ -553,8 +552,9 @@ class Engine:
         best_state = None
         if self.best:
             barrier()
-            best_state = _to_device(ckpt.load_file(best_path)["model"], self.env.device)
-            results["best"] = {"epoch": self.best["epoch"]} | ckpt.load_file(best_path)["metrics"]
+            best = ckpt.load_file(best_path)
+            best_state = _to_device(best["model"], self.env.device)
+            results["best"] = {"epoch": self.best["epoch"]} | best["metrics"]
         if r.eval.final_test and self.data.test is not None:
             results["last"].update(self._evaluate(self.data.test, r.eval.n_test, "test", deploy))
             if best_state is not None:
