@@ -240,7 +240,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
     prior = ClassPrior(num_classes=5, temperature=2.0)
     prior.update(logits[rank::world], labels[rank::world])  # each rank sees its shard
     prior.end_epoch()
-    queue.put((rank, prior.prior.clone()))
+    # a numpy copy pickles by value; a tensor would travel as a shared-memory fd that dies with this process
+    queue.put((rank, prior.prior.numpy().copy()))
     torch.distributed.destroy_process_group()
 
 
@@ -260,7 +261,7 @@ def test_class_prior_all_reduces_across_ddp_ranks(tmp_path):
     single.update(logits, labels)
     single.end_epoch()
     for rank in range(2):
-        torch.testing.assert_close(results[rank], single.prior)
+        torch.testing.assert_close(torch.from_numpy(results[rank]), single.prior)
 
 
 def test_powered_prior_cache_follows_in_place_prior_updates():
