@@ -339,7 +339,7 @@ def resolve_recipe_path(name: str) -> Path:
         if candidate.is_file():
             return candidate
     stem = Path(name).stem if name.endswith((".yaml", ".yml")) else Path(name).name
-    found = sorted(p for p in RECIPES_DIR.rglob(f"{stem}.yaml") if "base" not in p.parts)
+    found = sorted(p for p in RECIPES_DIR.rglob(f"{stem}.yaml") if "base" not in p.parts and "tables" not in p.parts)
     if len(found) == 1:  # a bundled recipe in a sub-folder, named without it (kd/… → …)
         return found[0]
     raise GKLError(f"recipe not found: {name} (give a path, or a name from {RECIPES_DIR})")

@@ -27,6 +27,7 @@ for _name, _block, _layers, _kw, _desc in (
     ("resnet18", tv_resnet.BasicBlock, [2, 2, 2, 2], {}, "torchvision resnet18"),
     ("resnet34", tv_resnet.BasicBlock, [3, 4, 6, 3], {}, "torchvision resnet34"),
     ("resnet50", tv_resnet.Bottleneck, [3, 4, 6, 3], {}, "torchvision resnet50"),
+    ("resnet101", tv_resnet.Bottleneck, [3, 4, 23, 3], {}, "torchvision resnet101 (ImageNet-LT baseline)"),
     ("resnext50-32x4d", tv_resnet.Bottleneck, [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}, "torchvision resnext50_32x4d"),
     ("resnext101-32x4d", tv_resnet.Bottleneck, [3, 4, 23, 3], {"groups": 32, "width_per_group": 4},
      "ResNeXt-101 32x4d (torchvision ResNet class; the ImageNet-LT teacher)"),

@@ -83,11 +83,11 @@ class DistillStep:
 
     selection_metric = "val_top1"
 
-    def __init__(self, ctx: Context, teacher: nn.Module, class_counts: Optional[Tensor] = None):
+    def __init__(self, ctx: Context, teacher: Optional[nn.Module], class_counts: Optional[Tensor] = None):
         r = ctx.recipe
         self.ctx, self.cfg, self.teacher = ctx, r.loss, teacher
         self.device = ctx.env.device
-        uses_prior = r.loss.name in ("gkl", "ikl") and r.loss.weights == "class"
+        uses_prior = r.loss.name in ("gkl", "ikl") and r.loss.weights == "class" and teacher is not None
         self.prior = ClassPrior(ctx.num_classes, r.loss.weight_temperature, self.device) if uses_prior else None
         self.class_counts = class_counts
         self.factor = 1.0
@@ -105,8 +105,6 @@ class DistillStep:
             return c.kd_weight * jsd(s, t, c.temperature)
         if c.name == "dkd":  # α weights TCKD and β NCKD, as in the DKD paper and mdistiller
             return dkd_loss(s, t, y, alpha=c.alpha, beta=c.beta, temperature=c.temperature)
-        if c.name == "ce":
-            return s.new_zeros(())
         ikl = c.name == "ikl"
         return gkl_terms(
             s, t, alpha=c.alpha, beta=c.beta, gamma=1.0 if ikl else c.gamma, temperature=c.temperature, targets=y,
@@ -118,14 +116,16 @@ class DistillStep:
         ctx, c = self.ctx, self.cfg
         images, y = batch
         x, y = to_float(images, self.device, ctx.channels_last), y.to(self.device)
-        with torch.inference_mode(), ctx.autocast():
-            t = self.teacher(x)
-        t = t.float().clone()  # a normal tensor again: the loss saves it for the student's backward
+        t = None
+        if self.teacher is not None:  # None for the no-distillation baseline (loss.name = ce)
+            with torch.inference_mode(), ctx.autocast():
+                t = self.teacher(x)
+            t = t.float().clone()  # a normal tensor again: the loss saves it for the student's backward
         ctx.model.train()
         with ctx.autocast():
             s = ctx.model(x)
         ce = c.ce_weight * F.cross_entropy(s.float(), y, label_smoothing=c.label_smoothing)
-        kd = self.factor * self.distill_loss(s, t, y)
+        kd = self.factor * self.distill_loss(s, t, y) if t is not None else s.new_zeros(())
         if self.prior is not None:
             self.prior.update(t, y)  # softmax(teacher / T2) per class, for the next epoch
         loss = ce + kd
@@ -189,7 +189,8 @@ def train_distill(recipe: Any, *, data_dir: Optional[str] = None, **kwargs: Any)
     from gklcli.train.engine import run_training
 
     def make_step(ctx: Context) -> DistillStep:
-        teacher = load_teacher(recipe, ctx.num_classes, ctx.env.device, data_dir)
+        # the plain-CE baseline rows of the tables train the student alone: no teacher file needed
+        teacher = None if recipe.loss.name == "ce" else load_teacher(recipe, ctx.num_classes, ctx.env.device, data_dir)
         return DistillStep(ctx, teacher, ctx.class_counts if recipe.data.dataset == "imagenet-lt" else None)
 
     return run_training(recipe, make_step, data_dir=data_dir, **kwargs)
