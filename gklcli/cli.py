@@ -339,6 +339,115 @@ def export_robustbench_cmd(
         out.print("[yellow]no --results: clean_acc, reported and autoattack_acc are null; run gkl eval-aa and export again with --results[/yellow]")
 
 
+@app.command("reproduce")
+def reproduce_cmd(
+    table: Optional[str] = typer.Argument(None, help="A registry table (table1 … table24, ikl-table1 …); see --list."),
+    list_tables: bool = typer.Option(False, "--list", help="List every table: rows, runs, estimated GPU-hours."),
+    rows: Optional[str] = typer.Option(None, "--rows", help="Only these rows: numbers (5,7) or text of their labels (GKL-AT)."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per run (the paper averages 3); cells show mean ± std."),
+    output: str = typer.Option("reproduce", "--out", help="Runs, evaluations and reports go here (smoke: OUT/smoke)."),
+    data_dir: Optional[str] = DATA_OPT,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (rows, paper values, runs, commands, paths) and exit."),
+    smoke: bool = typer.Option(False, "--smoke", help="Every runnable row at toy scale on synthetic data (pipeline check)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue unfinished runs (finished ones are always reused)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Rebuild OUT/TABLE.md/.json from finished runs; train nothing."),
+    checkpoint: str = typer.Option("last", "--checkpoint", help="last (final weights, the paper's protocol) or best (on validation)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this process takes every n-th job (one process per GPU)."),
+    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Reproduce a table of the paper: runs (content-addressed, reused), evaluations, and a markdown report."""
+    from pathlib import Path
+
+    from gklcli import reproduce as rp
+    from gklcli.evaluate import parse_shard
+
+    if list_tables:
+        rp.print_list(rp.list_tables(seeds), out, seeds)
+        return
+    if table is None:
+        raise GKLError("give a table (e.g. gkl reproduce table3) or --list")
+    if dry_run:
+        plan = rp.plan_for(table, rows=rows, seeds=seeds, out=Path(output), smoke=smoke, checkpoint=checkpoint, data_dir=data_dir)
+        rp.print_dry_run(plan, out)
+        return
+    from gklcli.train.engine import Interrupted
+
+    try:
+        rp.reproduce(table, rows=rows, seeds=seeds, out=Path(output), data_dir=data_dir, smoke=smoke, resume=resume,
+                     report_only=report_only, checkpoint=checkpoint, shard=parse_shard(shard), device=device, quiet=quiet,
+                     console=out)
+    except Interrupted as stop:
+        err.print(f"[yellow]interrupted:[/yellow] {escape(str(stop))}; rerun with --resume to continue")
+        raise typer.Exit(3)
+
+
+analyze_app = typer.Typer(help="The paper's figures from checkpoints: class margins, class scores, t-SNE.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+N_OPT = typer.Option(10000, "--n-ex", min=1, help="The first N test images.")
+DATASET_OPT = typer.Option(None, "--dataset", help="cifar10, cifar100 or npz:PATH (default: the checkpoint's recipe).")
+ANALYZE_OUT = typer.Option("analysis", "--out", help="A folder (or a .png path) for the PNG and its JSON.")
+
+
+def _analysis_done(result: dict) -> None:
+    out.print(f"figure: {result['png']} (numbers: {result['png'][:-4]}.json)")
+
+
+@analyze_app.command("margins")
+def analyze_margins_cmd(
+    ckpt_a: str = typer.Argument(..., help="Model A (e.g. GKL-AT)."), ckpt_b: str = typer.Argument(..., help="Model B (e.g. TRADES)."),
+    n_ex: int = N_OPT, dataset: Optional[str] = DATASET_OPT, data_dir: Optional[str] = DATA_OPT, output: str = ANALYZE_OUT,
+    pgd_steps: int = typer.Option(0, "--pgd-steps", min=0, help="Measure on PGD-k adversarial images (ε 8/255) instead of clean ones."),
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Eq. (14) class margins of A minus those of B, per class, sorted (Fig. 4c)."""
+    from pathlib import Path
+
+    from gklcli import analyze
+    from gklcli.train.distributed import pick_device
+
+    result = analyze.margins(ckpt_a, ckpt_b, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, pgd_steps=pgd_steps,
+                             device=pick_device(device))
+    out.print(f"margin(A) − margin(B): mean {result['mean_difference']:+.4f}, positive for "
+              f"{100 * result['positive_fraction']:.1f}% of {result['classes']} classes")
+    _analysis_done(result)
+
+
+@analyze_app.command("scores")
+def analyze_scores_cmd(
+    ckpt: str = typer.Argument(..., help="A checkpoint."), n_ex: int = N_OPT, dataset: Optional[str] = DATASET_OPT,
+    data_dir: Optional[str] = DATA_OPT, output: str = ANALYZE_OUT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Class-wise mean predicted score of the true class, sorted (Fig. 3)."""
+    from pathlib import Path
+
+    from gklcli import analyze
+    from gklcli.train.distributed import pick_device
+
+    result = analyze.scores(ckpt, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, device=pick_device(device))
+    out.print(f"class mean score: max {result['max']:.4f}, min {result['min']:.4f} (ratio {result['ratio_max_min']:.1f}) "
+              f"over {result['classes']} classes")
+    _analysis_done(result)
+
+
+@analyze_app.command("tsne")
+def analyze_tsne_cmd(
+    ckpt: str = typer.Argument(..., help="A checkpoint."), n_ex: int = N_OPT, dataset: Optional[str] = DATASET_OPT,
+    data_dir: Optional[str] = DATA_OPT, output: str = ANALYZE_OUT,
+    classes: int = typer.Option(20, "--classes", min=2, help="Embed the images of the first K classes (the paper: 20)."),
+    seed: int = typer.Option(0, "--seed", help="t-SNE random state."), device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """t-SNE of penultimate-layer features (Fig. 4a/b); needs scikit-learn (pip install 'gklcli[analysis]')."""
+    from pathlib import Path
+
+    from gklcli import analyze
+    from gklcli.train.distributed import pick_device
+
+    result = analyze.tsne(ckpt, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, classes=classes, seed=seed,
+                          device=pick_device(device))
+    out.print(f"t-SNE of {result['images']} images from {result['classes']} classes")
+    _analysis_done(result)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point. Typer handles usage errors itself (exit 2, with the usage);
     a `GKLError` raised by a command becomes one red line and exit code 2."""

@@ -28,7 +28,7 @@ def test_bundled_recipe_merges_its_base_and_uses_paper_values():
 
 
 def test_every_bundled_recipe_validates():
-    files = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "base" not in p.parts)  # bases are partial
+    files = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "base" not in p.parts and "tables" not in p.parts)  # bases are partial; tables are the registry
     assert len(files) > 60
     for path in files:
         load_recipe(path)
