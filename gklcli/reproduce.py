@@ -153,6 +153,7 @@ class Plan:
     smoke: bool
     checkpoint: str
     data_dir: Optional[str]
+    name: str = ""
 
     def train_jobs(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.kind != "teacher"]
@@ -654,7 +655,7 @@ def table_report(tp: TablePlan, plan: Plan, figures: list[dict[str, Any]]) -> tu
     return "\n".join(lines), record
 
 
-def write_report(name: str, plan: Plan, figures: dict[str, list[dict[str, Any]]]) -> tuple[Path, dict[str, Any]]:
+def write_report(name: str, plan: Plan, figures: dict[str, list[dict[str, Any]]], counts: "Counts") -> tuple[Path, dict[str, Any]]:
     """DIR/<name>.md and .json (under DIR/smoke/ for smoke runs)."""
     root = plan.out / "smoke" if plan.smoke else plan.out
     sections, records = [], []
@@ -663,7 +664,7 @@ def write_report(name: str, plan: Plan, figures: dict[str, list[dict[str, Any]]]
         sections.append(text)
         records.append(record)
     meta = {"name": name, "smoke": plan.smoke, "seeds": plan.seeds, "checkpoint": plan.checkpoint,
-            "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "out": str(root)}
+            "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "out": str(root), "counts": counts.__dict__}
     which = ("the final weights (the averaged model when the recipe averages; the paper's protocol)"
              if plan.checkpoint == "last" else "the best-on-validation checkpoint")
     title = f"# gkl reproduce {name}" + (" — SMOKE TEST, toy scale" if plan.smoke else "")
@@ -791,7 +792,9 @@ def plan_for(name: str, *, rows: Optional[str], seeds: int, out: Path, smoke: bo
     tables = expand(load_table(name))
     for table in tables:
         validate_table(table)
-    return build_plan(tables, rows=rows, seeds=seeds, out=out, smoke=smoke, checkpoint=checkpoint, data_dir=data_dir)
+    plan = build_plan(tables, rows=rows, seeds=seeds, out=out, smoke=smoke, checkpoint=checkpoint, data_dir=data_dir)
+    plan.name = name
+    return plan
 
 
 def list_tables(seeds: int = 1) -> list[dict[str, Any]]:
@@ -844,6 +847,9 @@ def print_dry_run(plan: Plan, console: Any) -> None:
     """Each row with the paper's values it must match, then each run: resolved settings, command, path, state."""
     from rich.markup import escape
 
+    parts = [tp.table.name for tp in plan.tables]
+    if parts != [plan.name]:
+        console.print(f"[bold]{escape(plan.name)}[/] is made of {', '.join(parts)}")
     for tp in plan.tables:
         t = tp.table
         console.print(f"\n[bold]{t.name}[/]: {escape(t.title)}")
@@ -880,8 +886,7 @@ def reproduce(name: str, *, rows: Optional[str], seeds: int, out: Path, data_dir
     if not report_only:
         counts = execute(plan, resume=resume, device=device, console=console, quiet=quiet, shard=shard)
     figures = make_figures(plan, device) if shard == (0, 1) else {}
-    path, record = write_report(name, plan, figures)
-    record["counts"] = counts.__dict__
+    path, record = write_report(name, plan, figures, counts)
     if console is not None:
         console.print(counts.line())
         console.print(f"report: {path} (+ {path.with_suffix('.json').name})")

@@ -14,3 +14,15 @@ TINY_OVERRIDES = [
     "eval.pgd_steps=2",
     "output.tensorboard=false",
 ]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`gkl ARGS` through the real entry point (in-process): (exit code, stdout, stderr)."""
+    import pytest
+
+    from gklcli.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
