@@ -28,10 +28,10 @@ class AnalysisUnavailable(GKLError):
     """An optional dependency is missing (a clear message, exit code 2)."""
 
 
-def _loaded(ckpt: str, device: torch.device, arch: Optional[str] = None, num_classes: Optional[int] = None) -> Any:
+def _loaded(ckpt: str, device: torch.device, arch: Optional[str] = None) -> Any:
     from gklcli.loading import load_model_file
 
-    loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=device)
+    loaded = load_model_file(ckpt, arch=arch, device=device)
     loaded.module.eval()
     return loaded
 
@@ -104,11 +104,11 @@ def _plot(path: Path, draw: Any) -> None:
 
 
 def margins(ckpt_a: str, ckpt_b: str, out: Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
-            n: int = 10000, pgd_steps: int = 0, device: torch.device) -> dict[str, Any]:
+            n: int = 10000, pgd_steps: int = 0, arch: Optional[str] = None, device: torch.device) -> dict[str, Any]:
     """Margin(A) − Margin(B) per class (Fig. 4c); PNG + JSON."""
     per_model = []
     for ckpt in (ckpt_a, ckpt_b):
-        loaded = _loaded(ckpt, device)
+        loaded = _loaded(ckpt, device, arch)
         scores, counts = class_mean_scores(loaded, eval_batches(loaded, dataset=dataset, data_dir=data_dir, n=n), device,
                                            pgd_steps=pgd_steps)
         per_model.append((class_margins(scores), counts))
@@ -133,9 +133,9 @@ def margins(ckpt_a: str, ckpt_b: str, out: Path, *, dataset: Optional[str] = Non
 
 
 def scores(ckpt: str, out: Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None, n: int = 10000,
-           device: torch.device) -> dict[str, Any]:
+           arch: Optional[str] = None, device: torch.device) -> dict[str, Any]:
     """The class-wise mean predicted score of the true class, sorted (Fig. 3); PNG + JSON."""
-    loaded = _loaded(ckpt, device)
+    loaded = _loaded(ckpt, device, arch)
     s, counts = class_mean_scores(loaded, eval_batches(loaded, dataset=dataset, data_dir=data_dir, n=n), device)
     present = counts > 0
     true = s.diagonal()[present]
@@ -168,13 +168,13 @@ def penultimate_features(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def tsne(ckpt: str, out: Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None, n: int = 10000,
-         classes: int = 20, seed: int = 0, device: torch.device) -> dict[str, Any]:
+         classes: int = 20, seed: int = 0, arch: Optional[str] = None, device: torch.device) -> dict[str, Any]:
     """t-SNE of penultimate features of the first `classes` classes (Fig. 4a/b); PNG + JSON."""
     try:
         from sklearn.manifold import TSNE
     except ImportError:
         raise AnalysisUnavailable("gkl analyze tsne needs scikit-learn: pip install 'gklcli[analysis]'") from None
-    loaded = _loaded(ckpt, device)
+    loaded = _loaded(ckpt, device, arch)
     feats, labels = [], []
     for x, y in eval_batches(loaded, dataset=dataset, data_dir=data_dir, n=n):
         keep = y < classes

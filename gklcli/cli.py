@@ -386,6 +386,7 @@ app.add_typer(analyze_app, name="analyze")
 N_OPT = typer.Option(10000, "--n-ex", min=1, help="The first N test images.")
 DATASET_OPT = typer.Option(None, "--dataset", help="cifar10, cifar100 or npz:PATH (default: the checkpoint's recipe).")
 ANALYZE_OUT = typer.Option("analysis", "--out", help="A folder (or a .png path) for the PNG and its JSON.")
+ARCH_OPT = typer.Option(None, "--arch", help="Architecture for files that do not record it (plain state dicts; see gkl models).")
 
 
 def _analysis_done(result: dict) -> None:
@@ -397,7 +398,7 @@ def analyze_margins_cmd(
     ckpt_a: str = typer.Argument(..., help="Model A (e.g. GKL-AT)."), ckpt_b: str = typer.Argument(..., help="Model B (e.g. TRADES)."),
     n_ex: int = N_OPT, dataset: Optional[str] = DATASET_OPT, data_dir: Optional[str] = DATA_OPT, output: str = ANALYZE_OUT,
     pgd_steps: int = typer.Option(0, "--pgd-steps", min=0, help="Measure on PGD-k adversarial images (ε 8/255) instead of clean ones."),
-    device: Optional[str] = DEVICE_OPT,
+    arch: Optional[str] = ARCH_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Eq. (14) class margins of A minus those of B, per class, sorted (Fig. 4c)."""
     from pathlib import Path
@@ -406,7 +407,7 @@ def analyze_margins_cmd(
     from gklcli.train.distributed import pick_device
 
     result = analyze.margins(ckpt_a, ckpt_b, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, pgd_steps=pgd_steps,
-                             device=pick_device(device))
+                             arch=arch, device=pick_device(device))
     out.print(f"margin(A) − margin(B): mean {result['mean_difference']:+.4f}, positive for "
               f"{100 * result['positive_fraction']:.1f}% of {result['classes']} classes")
     _analysis_done(result)
@@ -415,7 +416,8 @@ def analyze_margins_cmd(
 @analyze_app.command("scores")
 def analyze_scores_cmd(
     ckpt: str = typer.Argument(..., help="A checkpoint."), n_ex: int = N_OPT, dataset: Optional[str] = DATASET_OPT,
-    data_dir: Optional[str] = DATA_OPT, output: str = ANALYZE_OUT, device: Optional[str] = DEVICE_OPT,
+    data_dir: Optional[str] = DATA_OPT, output: str = ANALYZE_OUT, arch: Optional[str] = ARCH_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Class-wise mean predicted score of the true class, sorted (Fig. 3)."""
     from pathlib import Path
@@ -423,7 +425,7 @@ def analyze_scores_cmd(
     from gklcli import analyze
     from gklcli.train.distributed import pick_device
 
-    result = analyze.scores(ckpt, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, device=pick_device(device))
+    result = analyze.scores(ckpt, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, arch=arch, device=pick_device(device))
     out.print(f"class mean score: max {result['max']:.4f}, min {result['min']:.4f} (ratio {result['ratio_max_min']:.1f}) "
               f"over {result['classes']} classes")
     _analysis_done(result)
@@ -434,7 +436,8 @@ def analyze_tsne_cmd(
     ckpt: str = typer.Argument(..., help="A checkpoint."), n_ex: int = N_OPT, dataset: Optional[str] = DATASET_OPT,
     data_dir: Optional[str] = DATA_OPT, output: str = ANALYZE_OUT,
     classes: int = typer.Option(20, "--classes", min=2, help="Embed the images of the first K classes (the paper: 20)."),
-    seed: int = typer.Option(0, "--seed", help="t-SNE random state."), device: Optional[str] = DEVICE_OPT,
+    seed: int = typer.Option(0, "--seed", help="t-SNE random state."), arch: Optional[str] = ARCH_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """t-SNE of penultimate-layer features (Fig. 4a/b); needs scikit-learn (pip install 'gklcli[analysis]')."""
     from pathlib import Path
@@ -443,7 +446,7 @@ def analyze_tsne_cmd(
     from gklcli.train.distributed import pick_device
 
     result = analyze.tsne(ckpt, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, classes=classes, seed=seed,
-                          device=pick_device(device))
+                          arch=arch, device=pick_device(device))
     out.print(f"t-SNE of {result['images']} images from {result['classes']} classes")
     _analysis_done(result)
 

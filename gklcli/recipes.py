@@ -328,6 +328,11 @@ def _load_tree(path: Path, sources: Sources, chain: tuple[Path, ...]) -> dict[st
     return _deep_merge(merged, data)
 
 
+def bundled_recipes(pattern: str = "*") -> list[Path]:
+    """gkl's own complete recipes (not the partial bases in base/, not the table registry in tables/)."""
+    return sorted(p for p in RECIPES_DIR.rglob(f"{pattern}.yaml") if not {"base", "tables"} & set(p.relative_to(RECIPES_DIR).parts))
+
+
 def resolve_recipe_path(name: str) -> Path:
     """A recipe given as a path, or by name from ./recipes or gkl's own recipes/ folder."""
     candidates = [Path(name)]
@@ -339,7 +344,7 @@ def resolve_recipe_path(name: str) -> Path:
         if candidate.is_file():
             return candidate
     stem = Path(name).stem if name.endswith((".yaml", ".yml")) else Path(name).name
-    found = sorted(p for p in RECIPES_DIR.rglob(f"{stem}.yaml") if "base" not in p.parts and "tables" not in p.parts)
+    found = bundled_recipes(stem)
     if len(found) == 1:  # a bundled recipe in a sub-folder, named without it (kd/… → …)
         return found[0]
     raise GKLError(f"recipe not found: {name} (give a path, or a name from {RECIPES_DIR})")

@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from gklcli.cli import main
 from gklcli.errors import GKLError
 from gklcli.models import create_model
-from gklcli.recipes import RECIPES_DIR, load_recipe
+from gklcli.recipes import RECIPES_DIR, bundled_recipes, load_recipe
 from gklcli.train.engine import Engine
 from gklcli.train.kd import DistillStep, evaluate_topk, jsd, load_teacher, shot_groups, train_distill, warmup_factor
 
-KD_RECIPES = sorted(p.relative_to(RECIPES_DIR).as_posix() for p in RECIPES_DIR.rglob("*.yaml")
-                    if "base" not in p.parts and load_recipe(p).kind == "kd")
+KD_RECIPES = [p.relative_to(RECIPES_DIR).as_posix() for p in bundled_recipes() if load_recipe(p).kind == "kd"]
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +212,19 @@ def test_dkd_matches_its_paper_definition():
         ph, qh = p[keep] / (1 - p[y[i]]), q[keep] / (1 - q[y[i]])
         total += T * T * (a * (bt * (bt / bs).log()).sum() + b * (ph * (ph / qh).log()).sum())
     assert float(dkd_loss(s, t, y, alpha=a, beta=b, temperature=T)) == pytest.approx(float(total) / 4, rel=1e-4)
+
+
+def test_ce_baseline_trains_the_student_alone_without_a_teacher_file(tmp_path):
+    """The tables' "Student"/"Baseline" rows: loss.name=ce needs no teacher weights and equals plain CE training."""
+    recipe = load_recipe(RECIPES_DIR / "kd/cifar100_res56_res20_kd.yaml",
+                         small(tmp_path / "missing.pth", "loss.name=ce", "loss.ce_weight=1.0", "schedule.epochs=1",
+                               "train.max_steps_per_epoch=2", "eval.final_test=false"))
+    engine = Engine(recipe, lambda ctx: DistillStep(ctx, None), out_dir=tmp_path / "a", quiet=True)
+    batch = next(iter(engine._train_loader(1, 0)))
+    step = engine.step.compute(batch, 1)
+    images, y = batch
+    with torch.no_grad():
+        expected = F.cross_entropy(engine.model(images.float() / 255), y)
+    assert float(step.loss.detach()) == pytest.approx(float(expected), rel=1e-5) and float(step.metrics["kd"]) == 0.0
+    results = train_distill(recipe, out_dir=tmp_path / "b", quiet=True)
+    assert "val_top1" in results["last"]
