@@ -371,6 +371,8 @@ def execute(plan: Plan, *, resume: bool, device: Optional[str], console: Any, qu
     root = plan.out / "smoke" if plan.smoke else plan.out
     if plan.smoke:
         _smoke_inputs(plan, root, device, console)
+    else:
+        check_inputs([j for j in jobs if _state(j) != "done"], plan)
     total = len(jobs)
     for number, job in enumerate(jobs, start=1):
         if console is not None:
@@ -389,14 +391,27 @@ def execute(plan: Plan, *, resume: bool, device: Optional[str], console: Any, qu
     return counts
 
 
+def check_inputs(jobs: list[Job], plan: Plan) -> None:
+    """Refuse before the first of many days of training if a later run's files are missing."""
+    from gklcli.train.kd import resolve_teacher_path
+
+    for job in jobs:
+        r = job.recipe
+        generated = r.data.generated
+        if generated.required and not (generated.path and Path(generated.path).is_file()):
+            raise GKLError(f"{r.meta.name}: trains on DM-AT generated images; put them at DATA_DIR/generated/"
+                           f"{r.meta.name}.npz and pass --data-dir DATA_DIR (looked for {generated.path or 'no --data-dir'})")
+        if r.kind == "kd" and (job.kind == "teacher" or r.loss.name != "ce"):
+            try:
+                resolve_teacher_path(r.teacher.checkpoint, plan.data_dir)
+            except GKLError as err:
+                raise GKLError(f"{r.meta.name}: {err}") from None
+
+
 def _train(job: Job, plan: Plan, *, device: Optional[str], console: Any, quiet: bool) -> None:
     from gklcli.train.at import train_at
     from gklcli.train.kd import train_distill
 
-    data = job.recipe.data
-    if data.generated.required and not data.generated.path:
-        raise GKLError(f"{job.recipe.meta.name}: trains on DM-AT generated images; put the file at "
-                       f"DATA_DIR/generated/{job.recipe.meta.name}.npz and pass --data-dir DATA_DIR")
     run = train_at if job.kind == "at" else train_distill
     run(job.recipe, out_dir=job.dir, data_dir=plan.data_dir, resume=(job.dir / "last.pt").is_file(), quiet=quiet,
         device=device, console=console)

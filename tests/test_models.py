@@ -170,7 +170,7 @@ def test_mdistiller_format_teacher_file_loads_strict_and_normalises_inside(tmp_p
         torch.testing.assert_close(student_view(x), external((x - mean) / std))
 
 
-@pytest.mark.parametrize("name, tv_name", [("resnet18", "resnet18"), ("resnet50", "resnet50"), ("resnext50-32x4d", "resnext50_32x4d")])
+@pytest.mark.parametrize("name, tv_name", [("resnet18", "resnet18"), ("resnet50", "resnet50"), ("resnet101", "resnet101"), ("resnext50-32x4d", "resnext50_32x4d")])
 def test_torchvision_imagenet_weights_load_strict(name, tv_name):
     import torchvision
 
@@ -203,4 +203,4 @@ def test_names_aliases_and_errors():
         create_model("resnet20", 1)
     with pytest.raises(GKLError, match="bad keyword"):
         create_model("resnet20", 10, depth=3)
-    assert list_models("imagenet") == ["mobilenetv1", "resnet18", "resnet34", "resnet50", "resnext50-32x4d", "resnext101-32x4d"]
+    assert list_models("imagenet") == ["mobilenetv1", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50-32x4d", "resnext101-32x4d"]

@@ -308,3 +308,11 @@ def test_smoke_distillation_cells_teacher_speed_baseline_and_variants(smoke_out,
         correct += int(present[int(logits[0, present].argmax())] == label)
     assert cell["mean"] == pytest.approx(100.0 * correct / len(source))
     assert variant_top1(loaded.module, source, present, batch_size=7, num_workers=0, device=torch.device("cpu"))["n"] == len(source)
+
+
+def test_missing_generated_data_or_teacher_is_refused_before_any_training(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "reproduce", "table3", "--out", str(tmp_path))
+    assert code == 2 and "generated/cifar100_50m.npz" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "reproduce", "table17", "--rows", "9", "--out", str(tmp_path))
+    assert code == 2 and "teacher.checkpoint" in err and "ckpt_epoch_240.pth" in err
+    assert not (tmp_path / "runs").exists()
