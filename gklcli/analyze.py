@@ -127,7 +127,7 @@ def margins(ckpt_a: str, ckpt_b: str, out: Path, *, dataset: Optional[str] = Non
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel("class (sorted)")
         ax.set_ylabel("margin difference")
-        ax.set_title(f"Class margin (Eq. 14): {Path(ckpt_a).parent.name} − {Path(ckpt_b).parent.name}")
+        ax.set_title(f"Class margin (Eq. 14): A − B\nA = {Path(ckpt_a).parent.name}, B = {Path(ckpt_b).parent.name}", fontsize=8)
 
     return _save(out, "margins", result, draw)
 
@@ -147,7 +147,7 @@ def scores(ckpt: str, out: Path, *, dataset: Optional[str] = None, data_dir: Opt
         ax.plot(range(len(ordered)), ordered.numpy())
         ax.set_xlabel("class (sorted by score)")
         ax.set_ylabel("mean predicted score")
-        ax.set_title(f"Class-wise mean predicted score: {Path(ckpt).parent.name}")
+        ax.set_title(f"Class-wise mean predicted score: {Path(ckpt).parent.name}", fontsize=8)
 
     return _save(out, "scores", result, draw)
 
@@ -193,7 +193,7 @@ def tsne(ckpt: str, out: Path, *, dataset: Optional[str] = None, data_dir: Optio
         ax.scatter(emb[:, 0].numpy(), emb[:, 1].numpy(), c=y.numpy(), cmap="tab20", s=4)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"t-SNE of penultimate features: {Path(ckpt).parent.name}")
+        ax.set_title(f"t-SNE of penultimate features: {Path(ckpt).parent.name}", fontsize=8)
 
     return _save(out, "tsne", result, draw)
 
