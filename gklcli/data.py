@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -220,14 +221,28 @@ def _torchvision_cifar(name: str, root: Path, train: bool, download: bool) -> Ar
     return ArraySource(np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64), f"{name} {'train' if train else 'test'}")
 
 
-def make_synthetic(num: int, num_classes: int, image_size: int, seed: int, split: str) -> ArraySource:
+def long_tail_counts(num: int, num_classes: int, imbalance: float) -> list[int]:
+    """Images per class, n_c ∝ imbalance^(−c/(C−1)) (ImageNet-LT's exponential profile), summing to `num`."""
+    weights = [imbalance ** (-c / max(num_classes - 1, 1)) for c in range(num_classes)]
+    counts = [int(num * w / sum(weights)) for w in weights]
+    for c in range(num - sum(counts)):  # the rounding remainder, one each to the largest classes
+        counts[c % num_classes] += 1
+    return counts
+
+
+def make_synthetic(num: int, num_classes: int, image_size: int, seed: int, split: str, imbalance: float = 1.0) -> ArraySource:
     """A small learnable dataset: each class is a smooth random colour pattern; samples are shifted,
-    contrast-jittered, noisy copies. Templates depend on `seed` only, so train and test share them."""
+    contrast-jittered, noisy copies. Templates depend on `seed` only, so every split shares them;
+    each split name draws its own samples. `imbalance` > 1 gives a long-tailed class profile."""
     gen = torch.Generator().manual_seed(seed)
     low = torch.rand(num_classes, 3, 4, 4, generator=gen)
     templates = torch.nn.functional.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    sample_gen = torch.Generator().manual_seed(seed * 1000003 + (1 if split == "train" else 2))
-    labels = torch.arange(num) % num_classes
+    offset = {"train": 1, "test": 2}.get(split, zlib.crc32(split.encode()))
+    sample_gen = torch.Generator().manual_seed(seed * 1000003 + offset)
+    if imbalance > 1:
+        labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(long_tail_counts(num, num_classes, imbalance)))
+    else:
+        labels = torch.arange(num) % num_classes
     labels = labels[torch.randperm(num, generator=sample_gen)]
     base = templates[labels]
     contrast = 0.6 + 0.4 * torch.rand(num, 1, 1, 1, generator=sample_gen)
@@ -288,7 +303,7 @@ def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[i
     elif name == "synthetic":
         syn = cfg.synthetic
         classes = syn.num_classes
-        train = make_synthetic(syn.num_train, classes, syn.image_size, syn.seed, "train")
+        train = make_synthetic(syn.num_train, classes, syn.image_size, syn.seed, "train", syn.imbalance)
         test = make_synthetic(syn.num_test, classes, syn.image_size, syn.seed, "test")
     elif name == "npz":
         train = load_npz(cfg.path, num_classes)
@@ -318,6 +333,11 @@ def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[i
             f"{tuple(train.images.shape[1:])}"
         )
     return DataBundle(train, val, test, generated, classes, name)
+
+
+def long_tailed(cfg: Any) -> bool:
+    """Whether results are reported by ImageNet-LT's Many/Medium/Few class groups."""
+    return cfg.dataset == "imagenet-lt" or (cfg.dataset == "synthetic" and cfg.synthetic.imbalance > 1)
 
 
 def train_set_sizes(cfg: Any) -> tuple[int, int]:

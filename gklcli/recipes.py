@@ -76,6 +76,9 @@ class SyntheticCfg:
     num_classes: int = _num(10, 2)
     image_size: int = _num(32, 8)
     seed: int = 0
+    # largest / smallest class in the training split (exponential profile, as ImageNet-LT); 1: balanced.
+    # Test images stay balanced; distillation then reports Many/Medium/Few as on ImageNet-LT.
+    imbalance: float = _num(1.0, 1.0)
 
 
 @dataclass

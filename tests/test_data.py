@@ -161,3 +161,17 @@ def test_batches_do_not_depend_on_the_number_of_workers():
 
     for (x0, y0), (x2, y2) in zip(batches(0), batches(2)):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_long_tailed_synthetic_follows_the_exponential_profile():
+    from gklcli.data import long_tail_counts
+
+    counts = long_tail_counts(400, 10, 20.0)
+    assert sum(counts) == 400 and counts == sorted(counts, reverse=True)
+    # n_c ∝ 20^(−c/9): the first over the last is the imbalance, up to rounding
+    assert counts[0] / counts[-1] == pytest.approx(20.0, rel=0.2)
+    src = make_synthetic(400, 10, 8, 0, "train", imbalance=20.0)
+    assert np.bincount(src.labels, minlength=10).tolist() == counts
+    assert np.bincount(make_synthetic(400, 10, 8, 0, "train").labels).tolist() == [40] * 10
+    # every split name draws its own images from the same class templates
+    assert not np.array_equal(make_synthetic(32, 10, 8, 0, "test").images, make_synthetic(32, 10, 8, 0, "ood1").images)

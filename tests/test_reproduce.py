@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tests_helpers import run_cli
@@ -316,3 +317,28 @@ def test_missing_generated_data_or_teacher_is_refused_before_any_training(tmp_pa
     code, _, err = run_cli(capsys, "reproduce", "table17", "--rows", "9", "--out", str(tmp_path))
     assert code == 2 and "teacher.checkpoint" in err and "ckpt_epoch_240.pth" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_smoke_long_tail_groups_match_a_hand_count(smoke_out, capsys):
+    """TABLE II in smoke: Many/Medium/Few/All of a run, recomputed from its weights and its training class counts."""
+    from gklcli.data import build_data
+    from gklcli.loading import load_model_file
+
+    code, _, err = run_cli(capsys, "reproduce", "table2", "--rows", "4", "--smoke", "--quiet", "--out", str(smoke_out))
+    assert code == 0, err
+    (row,) = _report(smoke_out, "table2")["tables"][0]["rows"]
+    cells = {c["column"]: c for c in row["cells"]}
+    run = Path(cells["All(%)"]["runs"][0])
+    recipe = load_recipe(run / "recipe.yaml")
+    data = build_data(recipe.data)
+    counts = np.bincount(data.train.labels, minlength=10)
+    groups = {"Many(%)": counts > 100, "Medium(%)": (counts >= 20) & (counts <= 100), "Few(%)": counts < 20}
+    assert all(mask.any() for mask in groups.values())  # the smoke long tail has all three groups
+    model = load_model_file(str(run / "last.pt"), device=torch.device("cpu")).module.eval()
+    x = torch.from_numpy(np.asarray(data.test.images)).permute(0, 3, 1, 2).float() / 255
+    y = np.asarray(data.test.labels)
+    with torch.no_grad():
+        hit = (model(x).argmax(1).numpy() == y)
+    assert cells["All(%)"]["mean"] == pytest.approx(100 * hit.mean())
+    for column, mask in groups.items():
+        assert cells[column]["mean"] == pytest.approx(100 * hit[mask[y]].mean())

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gklcli.data import to_float
+from gklcli.data import long_tailed, to_float
 from gklcli.errors import GKLError
 from gklcli.losses import ClassPrior, dkd_loss, gkl_terms, kl_div
 from gklcli.train.distributed import all_reduce_sum
@@ -191,7 +191,7 @@ def train_distill(recipe: Any, *, data_dir: Optional[str] = None, **kwargs: Any)
     def make_step(ctx: Context) -> DistillStep:
         # the plain-CE baseline rows of the tables train the student alone: no teacher file needed
         teacher = None if recipe.loss.name == "ce" else load_teacher(recipe, ctx.num_classes, ctx.env.device, data_dir)
-        return DistillStep(ctx, teacher, ctx.class_counts if recipe.data.dataset == "imagenet-lt" else None)
+        return DistillStep(ctx, teacher, ctx.class_counts if long_tailed(recipe.data) else None)
 
     return run_training(recipe, make_step, data_dir=data_dir, **kwargs)
 
@@ -208,7 +208,7 @@ def teacher_report(recipe: Any, *, data_dir: Optional[str], device: Optional[str
     data = build_data(recipe.data, data_dir, recipe.model.num_classes)
     teacher = load_teacher(recipe, data.num_classes, dev, data_dir)
     ctx = SimpleNamespace(num_classes=data.num_classes, channels_last=False, autocast=contextlib.nullcontext)
-    counts = torch.bincount(torch.as_tensor(data.train.labels), minlength=data.num_classes) if recipe.data.dataset == "imagenet-lt" else None
+    counts = torch.bincount(torch.as_tensor(data.train.labels), minlength=data.num_classes) if long_tailed(recipe.data) else None
     report: dict[str, Any] = {"teacher": recipe.teacher.arch, "checkpoint": recipe.teacher.checkpoint}
     for split, source in (("val", data.val), ("test", data.test)):
         if source is not None:
