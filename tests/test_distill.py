@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gklcli.cli import main
+from tests_helpers import run_cli
+
 from gklcli.errors import GKLError
 from gklcli.models import create_model
 from gklcli.recipes import RECIPES_DIR, bundled_recipes, load_recipe
@@ -37,13 +38,6 @@ def small(teacher_file, *extra):
         "data.synthetic.num_test=32", "data.val_size=16", "data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0",
         "train.amp=none", "output.tensorboard=false", "schedule.warmup_epochs=0", *extra,
     ]
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.parametrize("name", KD_RECIPES)

@@ -10,14 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from gklcli.cli import main
 from gklcli.data import make_synthetic
 from gklcli.errors import GKLError
 from gklcli.evaluate import cw_margin_loss, run_guards
 from gklcli.loading import load_model_file
 from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.train.at import train_at
-from tests_helpers import TINY_OVERRIDES
+from tests_helpers import TINY_OVERRIDES, run_cli
 
 AA = ["--version", "custom", "--attacks", "apgd-ce,apgd-t", "--batch-size", "16", "--n-ex", "48", "--eps", "2/255", "-q"]
 
@@ -31,13 +30,6 @@ def trained(tmp_path_factory):
         "data.batch_size=64", "schedule.epochs=4", "attack.eps=4/255", "eval.final_test=false", "ema.mode=none"])
     train_at(recipe, out_dir=out, quiet=True)
     return out / "last.pt"
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out, captured.err
 
 
 def synthetic_test(n=48):

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests_helpers import run_cli
+
 from gklcli.cli import main
 from gklcli.compat import import_robustbench
 from gklcli.export import RB_ARCHS
@@ -17,13 +19,6 @@ from gklcli.models import create_model
 
 CURATED_ORDER = ["link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
                  "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "unreliable", "footnote"]
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.parametrize("arch", list(RB_ARCHS))

@@ -10,26 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from gklcli.cli import main
 from gklcli.errors import GKLError
 from gklcli.models import create_model
 from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.train.at import AdversarialStep, train_at
 from gklcli.train.engine import Interrupted
-from tests_helpers import TINY_OVERRIDES
+from tests_helpers import TINY_OVERRIDES, run_cli
 
 TINY = TINY_OVERRIDES
 
 
 def tiny(*extra: str, recipe: str = "quickstart"):
     return load_recipe(RECIPES_DIR / f"{recipe}.yaml", [*TINY, "schedule.epochs=3", "awp.warmup_epochs=2", "ema.start_epoch=1", *extra])
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out, captured.err
 
 
 def weights(path) -> dict:

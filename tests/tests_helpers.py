@@ -16,13 +16,13 @@ TINY_OVERRIDES = [
 ]
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+def run_cli(capsys, *args: object) -> tuple[int, str, str]:
     """`gkl ARGS` through the real entry point (in-process): (exit code, stdout, stderr)."""
     import pytest
 
     from gklcli.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
+        main([str(a) for a in args])
     captured = capsys.readouterr()
     return exit_info.value.code or 0, captured.out, captured.err
