@@ -342,3 +342,14 @@ def test_smoke_long_tail_groups_match_a_hand_count(smoke_out, capsys):
     assert cells["All(%)"]["mean"] == pytest.approx(100 * hit.mean())
     for column, mask in groups.items():
         assert cells[column]["mean"] == pytest.approx(100 * hit[mask[y]].mean())
+
+
+def test_two_shards_then_report_only_fill_the_table(tmp_path, capsys):
+    args = ("reproduce", "table3", "--rows", "5,7", "--smoke", "--quiet", "--out", str(tmp_path))
+    for shard in ("0/2", "1/2"):
+        code, text, err = run_cli(capsys, *args, "--shard", shard)
+        assert code == 0 and "1 run(s) trained" in text, err
+    code, text, _ = run_cli(capsys, *args, "--report-only")
+    assert code == 0 and "0 run(s) trained" in text
+    cells = list(_runnable_cells(_report(tmp_path, "table3")))
+    assert len(cells) == 4 and all(c["n"] == 1 for _, c in cells)
