@@ -895,6 +895,9 @@ def reproduce(name: str, *, rows: Optional[str], seeds: int, out: Path, data_dir
     figures = make_figures(plan, device) if shard == (0, 1) else {}
     path, record = write_report(name, plan, figures, counts)
     if console is not None:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(path.read_text()))
         console.print(counts.line())
         console.print(f"report: {path} (+ {path.with_suffix('.json').name})")
     return record
