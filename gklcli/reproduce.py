@@ -74,13 +74,20 @@ def teacher_key(recipe: Recipe) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def metric_eps(metric: str) -> float:
+    """ε of an `aa@E` metric (E such as 4/255)."""
+    from gklcli.recipes import _to_float
+
+    return _to_float(metric[3:], metric, {})
+
+
 @dataclass
 class EvalNeeds:
     """What the evaluations of one AT run must include, the union over every cell that uses it."""
 
     pgd: set[int] = field(default_factory=set)
     cw: set[int] = field(default_factory=set)
-    eps: set[str] = field(default_factory=set)
+    eps: set[float] = field(default_factory=set)
     individual: bool = False
     ood: set[str] = field(default_factory=set)
     adversarial: bool = False  # any AutoAttack-based metric at all
@@ -92,7 +99,7 @@ class EvalNeeds:
             elif m.startswith("cw-"):
                 self.cw.add(int(m[3:]))
             elif m.startswith("aa@"):
-                self.eps.add(m[3:])
+                self.eps.add(metric_eps(m))
             elif m in ("apgd-ce", "apgd-t", "apgd-dlr", "fab-t", "square"):
                 self.individual = True
             elif m.startswith("ood:"):
@@ -247,8 +254,6 @@ def build_plan(tables: list[Table], *, rows: Optional[str], seeds: int, out: Pat
 
 def eval_settings(job: Job, smoke: bool) -> dict[str, Any]:
     """The eval-aa settings for an AT run: the recipe's eval.* (RobustBench protocol), or toy scale."""
-    from gklcli.recipes import _to_float
-
     e = job.recipe.eval
     needs = job.needs
     base: dict[str, Any] = {"n_ex": e.aa_n_ex, "batch_size": e.aa_batch_size, "eps": e.eps, "version": e.aa_version,
@@ -256,7 +261,7 @@ def eval_settings(job: Job, smoke: bool) -> dict[str, Any]:
     if smoke:
         attacks = ["apgd-ce", "apgd-t"] if needs.individual else ["apgd-ce"]
         base.update(n_ex=SMOKE_TEST, batch_size=SMOKE_TEST, version="custom", attacks=attacks, chunk_size=0)
-    eps_list = sorted({_to_float(v, "eps", {}) for v in needs.eps})
+    eps_list = sorted(needs.eps)
     return base | {"eps_list": eps_list, "pgd": sorted(needs.pgd), "cw": sorted(needs.cw), "individual": needs.individual}
 
 
@@ -552,9 +557,7 @@ def _eval_metric(job: Job, metric: str, plan: Plan, worst_of: tuple[str, ...]) -
     if metric == "aa":
         return r["robust_acc"]
     if metric.startswith("aa@"):
-        from gklcli.recipes import _to_float
-
-        wanted = format_eps(_to_float(metric[3:], "eps", {}))
+        wanted = format_eps(metric_eps(metric))
         return next((e["robust_acc"] for e in r["eps_sweep"] if e["eps"] == wanted), None)
     if metric in r["other_attacks"]:
         return r["other_attacks"][metric]
