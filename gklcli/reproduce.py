@@ -162,6 +162,11 @@ class Plan:
     data_dir: Optional[str]
     name: str = ""
 
+    @property
+    def root(self) -> Path:
+        """Where runs and reports live: OUT, or OUT/smoke so toy numbers never mix with real ones."""
+        return self.out / "smoke" if self.smoke else self.out
+
     def train_jobs(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.kind != "teacher"]
 
@@ -199,7 +204,7 @@ def _job_for(spec: RunSpec, metric: str, seed_offset: int, plan: Plan, cache: di
     cache_key = (spec, seed_offset, metric == "teacher_top1")
     if cache_key in cache:
         return cache[cache_key]
-    root = plan.out / "smoke" if plan.smoke else plan.out
+    root = plan.root
     base = _resolve(spec, [])
     extra = smoke_overrides(base, root) if plan.smoke else []
     if not plan.smoke and base.data.generated.required and not base.data.generated.path and plan.data_dir:
@@ -375,7 +380,7 @@ def execute(plan: Plan, *, resume: bool, device: Optional[str], console: Any, qu
     if waiting and not resume:
         raise GKLError(f"{len(waiting)} run(s) are unfinished (e.g. {waiting[0].dir}); pass --resume to continue them")
     counts = Counts()
-    root = plan.out / "smoke" if plan.smoke else plan.out
+    root = plan.root
     if plan.smoke:
         _smoke_inputs(plan, root, device, console)
     else:
@@ -465,7 +470,7 @@ def _evaluate_ood(job: Job, plan: Plan, name: str, path: Path, device: Optional[
     dev = pick_device(device)
     data = job.recipe.data
     if plan.smoke:
-        root = plan.out / "smoke" / "data"
+        root = plan.root / "data"
         classes = {smoke_wnid(k): k for k in range(SMOKE_CLASSES)}
     else:
         root = Path(plan.data_dir or data.root or "data")
@@ -667,7 +672,7 @@ def table_report(tp: TablePlan, plan: Plan, figures: list[dict[str, Any]]) -> tu
 
 def write_report(name: str, plan: Plan, figures: dict[str, list[dict[str, Any]]], counts: "Counts") -> tuple[Path, dict[str, Any]]:
     """DIR/<name>.md and .json (under DIR/smoke/ for smoke runs)."""
-    root = plan.out / "smoke" if plan.smoke else plan.out
+    root = plan.root
     sections, records = [], []
     for tp in plan.tables:
         text, record = table_report(tp, plan, figures.get(tp.table.name, []))
@@ -692,7 +697,7 @@ def make_figures(plan: Plan, device: Optional[str]) -> dict[str, list[dict[str, 
     from gklcli.analyze import AnalysisUnavailable, figure_for
 
     out: dict[str, list[dict[str, Any]]] = {}
-    root = plan.out / "smoke" if plan.smoke else plan.out
+    root = plan.root
     for tp in plan.tables:
         for i, fig in enumerate(tp.table.figures):
             ckpts = []
