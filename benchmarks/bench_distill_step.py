@@ -13,15 +13,13 @@ compares s/iter the same way (0.197 s/iter for both IKL-KD and GKL-KD, ResNet34 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from _report import report
 
 from gklcli.models import create_model
 from gklcli.recipes import RECIPES_DIR, load_recipe
@@ -77,15 +75,10 @@ def main() -> None:
     base = statistics.median(times["KD"])
     rows = [{"step": n, "s_per_iter": statistics.median(v), "img_s": args.batch / statistics.median(v),
              "ratio_to_kd": statistics.median(v) / base} for n, v in times.items()]
-    table = Table(title=f"distillation step, {args.teacher} → {args.student}, C={args.classes}, {args.size}px, batch {args.batch}, "
-                        f"{args.device} ({args.rounds} interleaved rounds)")
-    for column in ("step", "s/iter", "img/s", "× KD"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["step"], f"{row['s_per_iter']:.4f}", f"{row['img_s']:.1f}", f"{row['ratio_to_kd']:.3f}")
-    Console().print(table)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"args": vars(args), "rows": rows, "torch": torch.__version__}, indent=2))
+    report(f"distillation step, {args.teacher} → {args.student}, C={args.classes}, {args.size}px, batch {args.batch}, "
+           f"{args.device} ({args.rounds} interleaved rounds)", ["step", "s/iter", "img/s", "× KD"],
+           [[r["step"], f"{r['s_per_iter']:.4f}", f"{r['img_s']:.1f}", f"{r['ratio_to_kd']:.3f}"] for r in rows],
+           args.json_path, {"args": vars(args), "rows": rows, "torch": torch.__version__})
 
 
 if __name__ == "__main__":

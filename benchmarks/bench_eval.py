@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
+from _report import report
 
 from gklcli.evaluate import EvalConfig, run_evaluation
 from gklcli.loading import load_model_file
@@ -118,15 +117,10 @@ def main() -> None:
             (root / "merged" / "results.json").read_text())["robust_acc"]
         rows.append({"run": "1 process (CLI)", "seconds": one, "img_s": args.n / one, "ratio": 1.0})
         rows.append({"run": "2 shards in parallel (CLI)", "seconds": two, "img_s": args.n / two, "ratio": one / two})
-    table = Table(title=f"AutoAttack {args.version}, ResNet-18, {args.n} images, batch {args.batch_size}, {args.device} "
-                        f"({threads} threads); merged shards equal one process: {same}")
-    for column in ("run", "seconds", "img/s", "ratio"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["run"], f"{row['seconds']:.1f}", f"{row['img_s']:.2f}", f"{row['ratio']:.3f}")
-    Console().print(table)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"args": vars(args), "rows": rows, "merged_equals_one": same}, indent=2))
+    report(f"AutoAttack {args.version}, ResNet-18, {args.n} images, batch {args.batch_size}, {args.device} "
+           f"({threads} threads); merged shards equal one process: {same}", ["run", "seconds", "img/s", "ratio"],
+           [[r["run"], f"{r['seconds']:.1f}", f"{r['img_s']:.2f}", f"{r['ratio']:.3f}"] for r in rows],
+           args.json_path, {"args": vars(args), "rows": rows, "merged_equals_one": same})
 
 
 if __name__ == "__main__":

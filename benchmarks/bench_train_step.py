@@ -15,14 +15,12 @@ hit both equally. Target (issue 3): GKL-AT ≤ 1.05× the TRADES time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from _report import report
 
 from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.train.at import AdversarialStep
@@ -94,16 +92,11 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         rows.append({"step": name, "median_s": median, "img_s": args.batch / median, "ratio_to_trades": median / base})
-    table = Table(title=f"train step, {args.arch}, C={args.num_classes}, batch {args.batch}, {args.device}, amp {args.amp}"
-                  f"{', channels_last' if args.channels_last else ''} ({args.rounds} interleaved rounds)")
-    for column in ("step", "median s/step", "img/s", "× TRADES"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["step"], f"{row['median_s']:.4f}", f"{row['img_s']:.1f}", f"{row['ratio_to_trades']:.3f}")
-    Console().print(table)
-    if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump({"args": vars(args), "rows": rows, "torch": torch.__version__}, fh, indent=2)
+    report(f"train step, {args.arch}, C={args.num_classes}, batch {args.batch}, {args.device}, amp {args.amp}"
+           f"{', channels_last' if args.channels_last else ''} ({args.rounds} interleaved rounds)",
+           ["step", "median s/step", "img/s", "× TRADES"],
+           [[r["step"], f"{r['median_s']:.4f}", f"{r['img_s']:.1f}", f"{r['ratio_to_trades']:.3f}"] for r in rows],
+           args.json_path, {"args": vars(args), "rows": rows, "torch": torch.__version__})
 
 
 if __name__ == "__main__":
