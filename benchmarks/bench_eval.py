@@ -9,6 +9,7 @@ every point starts robust and the attacks do real work. Both paths run the same 
 
     python benchmarks/bench_eval.py                       # CPU, 32 images, AutoAttack standard
     python benchmarks/bench_eval.py --device cuda --n 1000 --batch-size 500
+    python benchmarks/bench_eval.py --device cuda --n 1000 --batch-size 500 --rounds 1 --no-shards   # gkl vs direct only
     python benchmarks/bench_eval.py --json out.json
 """
 
@@ -69,10 +70,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--version", default="standard")
+    parser.add_argument("--attacks", help="with --version custom: comma-separated attacks, e.g. apgd-ce (a quick CPU check)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-shards", action="store_true", help="skip the CLI part (one process vs two shards + merge)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
+    attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else None
+    if (args.version == "custom") != bool(attacks):
+        parser.error("--attacks goes with --version custom, and --version custom needs --attacks")
     from pyautoattack import AutoAttack
 
     device = torch.device(args.device)
@@ -84,10 +90,11 @@ def main() -> None:
         loaded = load_model_file(ckpt, arch="resnet-18", device=device)
         x, y, npz = make_data(loaded.module.cpu(), args.n, root)
         loaded.module.to(device)
-        cfg = EvalConfig(dataset=f"npz:{npz}", n_ex=args.n, batch_size=args.batch_size, version=args.version)
+        cfg = EvalConfig(dataset=f"npz:{npz}", n_ex=args.n, batch_size=args.batch_size, version=args.version, attacks=attacks)
+        extra = {"attacks": attacks} if attacks else {}
 
         def direct() -> None:
-            AutoAttack(loaded.module, device=device, eps=8 / 255, norm="Linf", seed=0, version=args.version).run_standard_evaluation(
+            AutoAttack(loaded.module, device=device, eps=8 / 255, norm="Linf", seed=0, version=args.version, **extra).run_standard_evaluation(
                 x, y, batch_size=args.batch_size)
 
         def ours(i: int) -> None:
@@ -102,23 +109,27 @@ def main() -> None:
             median = statistics.median(values)
             rows.append({"run": name, "seconds": median, "img_s": args.n / median, "ratio": base / median})
 
-        common = [str(ckpt), "--arch", "resnet-18", "--dataset", f"npz:{npz}", "--n-ex", str(args.n), "--batch-size",
-                  str(args.batch_size), "--version", args.version, "--chunk-size", str((args.n + 1) // 2), "-q", "--device", args.device]
-        one = timed(lambda: cli([*common, "--out", str(root / "one")], threads).wait())
-        start = time.perf_counter()
-        procs = [cli([*common, "--shard", f"{i}/2", "--out", str(root / f"s{i}")], max(1, threads // 2)) for i in range(2)]
-        codes = [p.wait() for p in procs]
-        two = time.perf_counter() - start
-        if any(codes):
-            raise SystemExit(f"a shard failed: {[p.stderr.read().decode()[-500:] for p in procs]}")
-        subprocess.run([sys.executable, "-m", "gklcli", "eval-aa", "--merge", str(root / "s0"), "--merge", str(root / "s1"),
-                        "--out", str(root / "merged")], check=True, stdout=subprocess.DEVNULL)
-        same = json.loads((root / "one" / "results.json").read_text())["robust_acc"] == json.loads(
-            (root / "merged" / "results.json").read_text())["robust_acc"]
-        rows.append({"run": "1 process (CLI)", "seconds": one, "img_s": args.n / one, "ratio": 1.0})
-        rows.append({"run": "2 shards in parallel (CLI)", "seconds": two, "img_s": args.n / two, "ratio": one / two})
+        same = None
+        if not args.no_shards:  # the CLI as one process vs two shards at once, then --merge
+            common = [str(ckpt), "--arch", "resnet-18", "--dataset", f"npz:{npz}", "--n-ex", str(args.n), "--batch-size",
+                      str(args.batch_size), "--version", args.version, "--chunk-size", str((args.n + 1) // 2), "-q", "--device", args.device]
+            if attacks:
+                common += ["--attacks", ",".join(attacks)]
+            one = timed(lambda: cli([*common, "--out", str(root / "one")], threads).wait())
+            start = time.perf_counter()
+            procs = [cli([*common, "--shard", f"{i}/2", "--out", str(root / f"s{i}")], max(1, threads // 2)) for i in range(2)]
+            codes = [p.wait() for p in procs]
+            two = time.perf_counter() - start
+            if any(codes):
+                raise SystemExit(f"a shard failed: {[p.stderr.read().decode()[-500:] for p in procs]}")
+            subprocess.run([sys.executable, "-m", "gklcli", "eval-aa", "--merge", str(root / "s0"), "--merge", str(root / "s1"),
+                            "--out", str(root / "merged")], check=True, stdout=subprocess.DEVNULL)
+            same = json.loads((root / "one" / "results.json").read_text())["robust_acc"] == json.loads(
+                (root / "merged" / "results.json").read_text())["robust_acc"]
+            rows.append({"run": "1 process (CLI)", "seconds": one, "img_s": args.n / one, "ratio": 1.0})
+            rows.append({"run": "2 shards in parallel (CLI)", "seconds": two, "img_s": args.n / two, "ratio": one / two})
     report(f"AutoAttack {args.version}, ResNet-18, {args.n} images, batch {args.batch_size}, {args.device} "
-           f"({threads} threads); merged shards equal one process: {same}", ["run", "seconds", "img/s", "ratio"],
+           f"({threads} threads)" + (f"; merged shards equal one process: {same}" if same is not None else ""), ["run", "seconds", "img/s", "ratio"],
            [[r["run"], f"{r['seconds']:.1f}", f"{r['img_s']:.2f}", f"{r['ratio']:.3f}"] for r in rows],
            args.json_path, {"args": vars(args), "rows": rows, "merged_equals_one": same})
 

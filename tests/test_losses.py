@@ -288,3 +288,21 @@ def test_powered_prior_cache_follows_in_place_prior_updates():
     ref = naive_gkl(s.float(), t.float(), alpha=2.0, beta=0.0, gamma=0.5, targets=targets, prior=cp.prior)
     torch.testing.assert_close(after.float(), ref, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(before, after)
+
+
+def test_gkl_loss_and_class_prior_on_the_test_device(device):
+    """fp32 gkl_loss with the class-wise prior, and its gradients, on GKL_TEST_DEVICE (cpu by default)
+    against Algorithm 1 in float64 on the CPU; the prior is accumulated on that device too."""
+    s, t = _logits(128, 100, seed=21, dtype=torch.float64)
+    targets = torch.arange(128) % 100
+    prior = ClassPrior(100, 4.0, device)
+    prior.update(t.detach().float().to(device), targets.to(device))
+    prior.end_epoch()
+    assert prior.prior.device == device
+    s_d, t_d = (v.detach().float().to(device).requires_grad_() for v in (s, t))
+    loss = gkl_loss(s_d, t_d, alpha=20.0, beta=5.0, gamma=0.4, targets=targets.to(device), class_prior=prior.prior)
+    ref = naive_gkl(s, t, alpha=20.0, beta=5.0, gamma=0.4, targets=targets, prior=prior.prior.cpu().double())
+    assert loss.device == device and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.detach().double().cpu(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(_grads(loss, s_d, t_d), _grads(ref, s, t)):
+        torch.testing.assert_close(ours.double().cpu(), theirs, rtol=1e-4, atol=1e-7)

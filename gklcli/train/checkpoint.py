@@ -77,7 +77,9 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
         "python": repr(random.getstate()),
     }
-    if torch.cuda.is_available():
+    # only when this process uses CUDA: get_rng_state_all() would otherwise create a context on every
+    # visible GPU from a CPU run (e.g. each gloo rank under torchrun), failing on exclusive-process GPUs
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
