@@ -158,6 +158,9 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
         row = results.get(name) or {}
         if row:
             out.print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+    if results.get("top1_best") is not None:  # eval.test_every_epochs: mdistiller's best-over-epochs protocol
+        out.print(f"test top-1 over epochs: best {results['top1_best']:.2f} (epoch {results['top1_best_epoch']}), "
+                  f"last {results['top1_last']:.2f}")
 
 
 @app.command("train-at")
@@ -214,7 +217,7 @@ def eval_aa_cmd(
     ckpt: Optional[str] = typer.Argument(None, help="A gkl checkpoint, a RobustBench-format file or a plain state dict."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for files that do not record it (see gkl models)."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count when it cannot be read from the weights."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10, cifar100, npz:PATH or synthetic (default: the checkpoint's)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10, cifar100, npz:PATH, synthetic or digits (default: the checkpoint's)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset root (default ./data)."),
     n_ex: int = typer.Option(10000, "--n-ex", min=1, help="Evaluate the first N test images (canonical order, as RobustBench)."),
     batch_size: int = typer.Option(500, "--batch-size", min=1, help="AutoAttack batch size."),

@@ -20,7 +20,10 @@ Keys of a table file::
 
 Metrics: clean, aa, aa@E (AutoAttack at ε = E), pgd-K, cw-K, worst, apgd-ce, apgd-t (each alone),
 mean(m1,m2,...) for adversarial training; top1, top5, many, medium, few, s_iter, teacher_top1,
-ood:imagenet-r, ood:imagenet-sketch for distillation.
+ood:imagenet-r, ood:imagenet-sketch for distillation. `top1` is the last epoch's test top-1;
+`top1@best` (also top5/many/medium/few@best, at the epoch of the best top-1) the best test top-1 over
+epochs, mdistiller's protocol that the paper's CIFAR-100 and ImageNet KD tables report; its recipe
+must evaluate the test set every epoch (`eval.test_every_epochs`), and reports label such cells.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from gklcli.recipes import RECIPES_DIR
 TABLES_DIR = RECIPES_DIR / "tables"
 AT_METRIC = re.compile(r"^(clean|aa|aa@\d+(\.\d+)?/255|pgd-\d+|cw-\d+|worst|apgd-ce|apgd-t|apgd-dlr|fab-t|square)$")
 KD_METRIC = re.compile(r"^(top1|top5|many|medium|few|s_iter|teacher_top1|ood:imagenet-r|ood:imagenet-sketch)$")
+# `top1@best`: the run's best test value over epochs (mdistiller's protocol, eval.test_every_epochs > 0)
+# rather than the last epoch's; many/medium/few/top5@best are those of the epoch with the best top-1
+KD_BEST = re.compile(r"^(top1|top5|many|medium|few)@best$")
 MEAN = re.compile(r"^mean\((.+)\)$")
 OOD_SETS = ("imagenet-r", "imagenet-sketch")
 
@@ -112,9 +118,15 @@ def metric_parts(metric: str) -> list[str]:
     return [m.strip() for m in match.group(1).split(",")] if match else [metric]
 
 
+def is_best_metric(metric: str) -> bool:
+    """Whether the metric (or a part of a `mean(...)`) is a best-over-epochs test value (`top1@best`)."""
+    return any(KD_BEST.match(m) for m in metric_parts(metric))
+
+
 def metric_kind(metric: str) -> str:
     """'at' or 'kd': which kind of recipe can produce the metric."""
-    kinds = {"at" if AT_METRIC.match(m) else "kd" if KD_METRIC.match(m) else "?" for m in metric_parts(metric)}
+    kinds = {"at" if AT_METRIC.match(m) else "kd" if KD_METRIC.match(m) or KD_BEST.match(m) else "?"
+             for m in metric_parts(metric)}
     if len(kinds) != 1 or "?" in kinds:
         raise ValueError(metric)
     return kinds.pop()
@@ -153,7 +165,9 @@ class _Reader:
         try:
             metric_kind(value)
         except (ValueError, TypeError):
-            raise self.fail(key, f"unknown metric {value!r} (see `gklcli.tables` for the list)") from None
+            hint = "; `@best` applies to top1, top5, many, medium, few" if isinstance(value, str) and "@" in value and \
+                not value.startswith("aa@") else ""
+            raise self.fail(key, f"unknown metric {value!r} (see `gklcli.tables` for the list{hint})") from None
         return value
 
 
@@ -324,3 +338,6 @@ def validate_table(table: Table) -> None:
             kind = metric_kind(cell.metric or "")
             if recipe.kind != kind:
                 raise GKLError(f"{where}: metric {cell.metric!r} needs a kind-{kind} recipe, {cell.run.recipe} is kind {recipe.kind}")
+            if is_best_metric(cell.metric or "") and not recipe.eval.test_every_epochs:
+                raise GKLError(f"{where}: metric {cell.metric!r} needs the test set evaluated every epoch, but "
+                               f"{cell.run.recipe} has eval.test_every_epochs 0 (set it in the recipe or the row's `set:`)")

@@ -3,6 +3,7 @@ what the official code computes, ImageNet-LT groups, mdistiller teachers, seeds,
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -42,24 +43,27 @@ def small(teacher_file, *extra):
 
 @pytest.mark.parametrize("name", KD_RECIPES)
 def test_every_kd_recipe_runs_three_steps(tmp_path, teacher_file, name):
-    recipe = load_recipe(RECIPES_DIR / name, small(teacher_file, "schedule.epochs=1", "train.max_steps_per_epoch=3", "eval.final_test=false"))
-    results = train_distill(recipe, out_dir=tmp_path, quiet=True)
+    # ghost batches (ImageNet 64, ImageNet-LT 32 images) scaled to the tiny batch of 16
+    sets = small(teacher_file, "schedule.epochs=1", "train.max_steps_per_epoch=3", "eval.final_test=false", "model.bn_group_size=8")
+    recipe = load_recipe(RECIPES_DIR / name, sets)
+    results = train_distill(recipe, out_dir=tmp_path, quiet=True, device="cpu")
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["train_state"]["global_step"] == 3 and state["kind"] == "kd"
     assert 0 <= results["last"]["val_top1"] <= results["last"]["val_top5"] <= 100
 
 
-def make_engine(teacher_file, tmp_path, *extra):
+def make_engine(teacher_file, tmp_path, *extra, device="cpu"):
+    """An engine on an explicit device: without one it would pick cuda wherever CUDA is visible."""
     recipe = load_recipe(RECIPES_DIR / "kd/cifar100_res32x4_res8x4.yaml", small(teacher_file, "schedule.epochs=30", *extra))
 
     def make_step(ctx):
         return DistillStep(ctx, load_teacher(recipe, ctx.num_classes, ctx.env.device, None))
 
-    return Engine(recipe, make_step, out_dir=tmp_path, quiet=True)
+    return Engine(recipe, make_step, out_dir=tmp_path, quiet=True, device=str(device))
 
 
-def test_student_gets_gradient_and_the_teacher_none(teacher_file, tmp_path):
-    engine = make_engine(teacher_file, tmp_path)
+def test_student_gets_gradient_and_the_teacher_none(teacher_file, tmp_path, device):
+    engine = make_engine(teacher_file, tmp_path, device=device)
     batch = next(iter(engine._train_loader(1, 0)))
     engine.step.begin_epoch(25)
     result = engine.step.compute(batch, 25)
@@ -69,9 +73,9 @@ def test_student_gets_gradient_and_the_teacher_none(teacher_file, tmp_path):
     assert not engine.step.teacher.training
 
 
-def test_warmup_scales_the_distillation_term(teacher_file, tmp_path):
+def test_warmup_scales_the_distillation_term(teacher_file, tmp_path, device):
     assert [warmup_factor(e, 20) for e in (1, 10, 20, 21)] == [0.05, 0.5, 1.0, 1.0] and warmup_factor(3, 0) == 1.0
-    engine = make_engine(teacher_file, tmp_path)
+    engine = make_engine(teacher_file, tmp_path, device=device)
     batch = next(iter(engine._train_loader(1, 0)))
     terms = {}
     for epoch in (1, 20):
@@ -80,21 +84,25 @@ def test_warmup_scales_the_distillation_term(teacher_file, tmp_path):
     assert float(terms[1]) == pytest.approx(float(terms[20]) / 20, rel=1e-5)
 
 
-def test_teacher_prior_equals_a_hand_computation(teacher_file, tmp_path):
-    engine = make_engine(teacher_file, tmp_path)
+def test_teacher_prior_equals_a_hand_computation(teacher_file, tmp_path, device):
+    engine = make_engine(teacher_file, tmp_path, device=device)
     step = engine.step
     batches = [b for b, _ in zip(engine._train_loader(1, 0), range(3))]
     step.begin_epoch(1)
     for b in batches:
         step.compute(b, 1)
     step.end_epoch(1)
+    # by hand: the same teacher in float64 on the CPU (the batches are CPU tensors), whatever the engine's
+    # device; fp32 on a GPU agrees to ~1e-6 only without TF32 convolutions (conftest turns TF32 off)
+    teacher = copy.deepcopy(step.teacher).to("cpu", torch.float64)
     sums = torch.zeros(4, 4, dtype=torch.float64)
     with torch.no_grad():
         for images, y in batches:
-            probs = F.softmax(step.teacher(images.float() / 255) / 4.0, dim=1)  # T2 = 4
-            sums.index_add_(0, y, probs.double())
+            probs = F.softmax(teacher(images.double() / 255) / 4.0, dim=1)  # T2 = 4
+            sums.index_add_(0, y, probs)
     expected = sums / sums.sum(1, keepdim=True)
-    torch.testing.assert_close(step.prior.prior.double(), expected, rtol=1e-5, atol=1e-6)
+    assert step.prior.prior.device == engine.env.device
+    torch.testing.assert_close(step.prior.prior.double().cpu(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_many_medium_few_split_and_accuracy_by_hand():
@@ -150,7 +158,7 @@ def test_mdistiller_teacher_loads_strict_and_a_wrong_one_is_refused(teacher_file
 
 def test_cli_seeds_teacher_only_and_dry_run(teacher_file, tmp_path, capsys):
     sets = sum((["--set", s] for s in small(teacher_file, "schedule.epochs=1", "train.max_steps_per_epoch=2")), [])
-    code, out, err = run_cli(capsys, "distill", "cifar100_res56_res20", "--out", tmp_path / "s", "--seeds", "2", "-q", *sets)
+    code, out, err = run_cli(capsys, "distill", "cifar100_res56_res20", "--out", tmp_path / "s", "--seeds", "2", "-q", "--device", "cpu", *sets)
     assert code == 0, err
     seeds = json.loads((tmp_path / "s" / "seeds.json").read_text())
     assert seeds["seeds"] == [0, 1] and (tmp_path / "s" / "seed1" / "last.pt").is_file()
@@ -159,7 +167,7 @@ def test_cli_seeds_teacher_only_and_dry_run(teacher_file, tmp_path, capsys):
     assert summary["mean"] == pytest.approx(sum(values) / 2)
     assert summary["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     assert "±" in out and "±" in (tmp_path / "s" / "seeds.md").read_text()
-    code, out, _ = run_cli(capsys, "distill", "cifar100_res56_res20", "--teacher-only", *sets)
+    code, out, _ = run_cli(capsys, "distill", "cifar100_res56_res20", "--teacher-only", "--device", "cpu", *sets)
     assert code == 0 and '"test_top1"' in out and '"val_top1"' in out
     code, out, _ = run_cli(capsys, "distill", "kd/imagenet_r34_r18", "--dry-run")
     assert code == 0 and "teacher resnet34" in out and "100 epochs" in out
@@ -208,17 +216,88 @@ def test_dkd_matches_its_paper_definition():
     assert float(dkd_loss(s, t, y, alpha=a, beta=b, temperature=T)) == pytest.approx(float(total) / 4, rel=1e-4)
 
 
-def test_ce_baseline_trains_the_student_alone_without_a_teacher_file(tmp_path):
+def test_ce_baseline_trains_the_student_alone_without_a_teacher_file(tmp_path, device):
     """The tables' "Student"/"Baseline" rows: loss.name=ce needs no teacher weights and equals plain CE training."""
     recipe = load_recipe(RECIPES_DIR / "kd/cifar100_res56_res20_kd.yaml",
                          small(tmp_path / "missing.pth", "loss.name=ce", "loss.ce_weight=1.0", "schedule.epochs=1",
                                "train.max_steps_per_epoch=2", "eval.final_test=false"))
-    engine = Engine(recipe, lambda ctx: DistillStep(ctx, None), out_dir=tmp_path / "a", quiet=True)
+    engine = Engine(recipe, lambda ctx: DistillStep(ctx, None), out_dir=tmp_path / "a", quiet=True, device=str(device))
     batch = next(iter(engine._train_loader(1, 0)))
     step = engine.step.compute(batch, 1)
-    images, y = batch
+    images, y = (t.to(device) for t in batch)
     with torch.no_grad():
         expected = F.cross_entropy(engine.model(images.float() / 255), y)
     assert float(step.loss.detach()) == pytest.approx(float(expected), rel=1e-5) and float(step.metrics["kd"]) == 0.0
-    results = train_distill(recipe, out_dir=tmp_path / "b", quiet=True)
+    results = train_distill(recipe, out_dir=tmp_path / "b", quiet=True, device=str(device))
     assert "val_top1" in results["last"]
+
+
+def test_best_and_last_test_top1_over_epochs_survive_resume_and_leave_training_alone(teacher_file, tmp_path, monkeypatch):
+    """mdistiller's protocol (eval.test_every_epochs): top1_best = max over the per-epoch test top-1, its epoch,
+    top1_last = the last epoch's; an interrupted + resumed run ends with the same numbers; the evaluations do
+    not change the training (same weights as with the per-epoch test evaluation off)."""
+    from gklcli.train.engine import Interrupted
+
+    path = RECIPES_DIR / "kd/cifar100_res32x4_res8x4.yaml"
+    assert load_recipe(path).eval.test_every_epochs == 1  # the bundled CIFAR-100 recipes test every epoch
+    sets = small(teacher_file, "schedule.epochs=3", "data.val_size=0", "optim.lr=0.1", "output.plots=false")  # 6 steps/epoch
+    recipe = load_recipe(path, sets)
+    a = train_distill(recipe, out_dir=tmp_path / "a", quiet=True)
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = [rec["test_top1"] for rec in log]
+    assert len(per_epoch) == 3 and "test_top1" in (tmp_path / "a" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert a["top1_best"] == max(per_epoch) and a["top1_best_epoch"] == per_epoch.index(max(per_epoch)) + 1
+    assert a["top1_last"] == per_epoch[-1] == a["last"]["test_top1"]
+    assert a["test_best"]["epoch"] == a["top1_best_epoch"] and a["test_best"]["test_top5"] == log[a["top1_best_epoch"] - 1]["test_top5"]
+    assert "best test epoch" in (tmp_path / "a" / "summary.md").read_text()
+
+    # interrupted at an epoch's end (before its evaluation) and mid-epoch, resumed each time
+    with pytest.raises(Interrupted):
+        train_distill(recipe, out_dir=tmp_path / "b", quiet=True, interrupt_after_steps=6)
+    with pytest.raises(Interrupted):
+        train_distill(recipe, out_dir=tmp_path / "b", quiet=True, resume=True, interrupt_after_steps=8)
+    b = train_distill(recipe, out_dir=tmp_path / "b", quiet=True, resume=True)
+    keys = ("top1_last", "top1_best", "top1_best_epoch", "test_best", "last")
+    assert {k: b[k] for k in keys} == {k: a[k] for k in keys}
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert {k: saved[k] for k in keys} == {k: a[k] for k in keys}
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("img_s", "seconds", "s_iter")}  # noqa: E731
+    assert [strip(json.loads(x)) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in log]
+
+    # off: no per-epoch test numbers, no best, and bit-identical training
+    off = train_distill(load_recipe(path, [*sets, "eval.test_every_epochs=0"]), out_dir=tmp_path / "c", quiet=True)
+    assert off["top1_best"] is None and off["top1_best_epoch"] is None and off["top1_last"] == a["top1_last"]
+    model_a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    model_c = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(model_a[k], model_c[k]) for k in model_a)
+
+    # the selection itself, on scripted test accuracies 40, 60, 50 (the final evaluation: epoch 3's weights)
+    scripted = {1: 40.0, 2: 60.0, 3: 50.0}
+
+    def fake_evaluate(self, source, n, prefix, state=None):
+        return {f"{prefix}_top1": scripted[min(self.epoch, 3)], f"{prefix}_top5": 100.0}
+
+    monkeypatch.setattr(Engine, "_evaluate", fake_evaluate)
+    d = train_distill(load_recipe(path, [*sets, "train.max_steps_per_epoch=1"]), out_dir=tmp_path / "d", quiet=True)
+    assert (d["top1_best"], d["top1_best_epoch"], d["top1_last"]) == (60.0, 2, 50.0)
+
+
+def test_kd_recipes_use_the_official_protocol_imagenet_full_train_set_fp32():
+    """ImageNet KD: the full training set (val_size 0) in fp32 with the per-epoch test evaluation (mdistiller);
+    CIFAR-100 tests every epoch; ImageNet-LT keeps the last epoch; bf16 / a hold-out are one --set away."""
+    imagenet = [n for n in KD_RECIPES if n.startswith("kd/imagenet_") and not n.startswith("kd/imagenet_lt_")]
+    assert len(imagenet) == 8
+    for name in imagenet:
+        r = load_recipe(RECIPES_DIR / name)
+        assert (r.data.val_size, r.train.amp, r.eval.test_every_epochs) == (0, "none", 1), name
+    for name in KD_RECIPES:
+        r = load_recipe(RECIPES_DIR / name)
+        expected = 0 if name.startswith("kd/imagenet_lt_") else 1
+        assert r.eval.test_every_epochs == expected, name
+        # BatchNorm per official GPU: ImageNet 512 on 8 GPUs, ImageNet-LT 128 on 4, CIFAR-100 one GPU
+        group = 32 if name.startswith("kd/imagenet_lt_") else 64 if name.startswith("kd/imagenet_") else None
+        assert r.model.bn_group_size == group, name
+        if name.startswith("kd/imagenet_lt_"):  # the official per-epoch warm-up and cosine
+            assert (r.schedule.lr_schedule, r.schedule.warmup_mode, r.schedule.warmup_epochs) == ("cosine-official", "epoch", 10)
+    fast = load_recipe(RECIPES_DIR / "kd/imagenet_r34_r18.yaml", ["train.amp=bf16", "data.val_size=10000"])
+    assert (fast.train.amp, fast.data.val_size) == ("bf16", 10000)

@@ -85,7 +85,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
         if key in records[-1]:
             axes[0].plot(epochs, [r.get(key) for r in records], label=key)
     axes[0].set_title("training loss")
-    for key in sorted(k for k in records[-1] if k.startswith(("val_", "train_acc"))):
+    for key in sorted(k for k in records[-1] if k.startswith(("val_", "test_", "train_acc"))):
         points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
         if points:
             axes[1].plot(*zip(*points), marker=".", label=key)

@@ -22,9 +22,9 @@ def _runner(kind: str):
 
 
 def summarise_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """mean, sample std (0 for one seed), min and max of every numeric last/best metric."""
+    """mean, sample std (0 for one seed), min and max of every numeric last/best/test_best metric."""
     summary: dict[str, dict[str, float]] = {}
-    for part in ("last", "best"):
+    for part in ("last", "best", "test_best"):
         keys = sorted({k for r in per_seed.values() for k, v in (r.get(part) or {}).items() if isinstance(v, float)})
         for key in keys:
             values = [r[part][key] for r in per_seed.values() if key in (r.get(part) or {})]
