@@ -119,6 +119,14 @@ def ce_attack_loss(logits_adv: Tensor, logits_nat: Tensor, targets: Tensor) -> T
     return F.cross_entropy(logits_adv.float(), targets)
 
 
+def cw_margin_loss(logits_adv: Tensor, logits_nat: Tensor, targets: Tensor) -> Tensor:
+    """The CW-∞ loss: max_{j≠y} z_j − z_y (summed), maximised by the attack."""
+    z = logits_adv.float()
+    true = z.gather(1, targets[:, None]).squeeze(1)
+    other = z.masked_fill(F.one_hot(targets, z.shape[1]).bool(), float("-inf")).amax(1)
+    return (other - true).sum()
+
+
 @torch.no_grad()
 def accuracy_counts(logits: Tensor, targets: Tensor) -> int:
     return int((logits.argmax(dim=1) == targets).sum())

@@ -30,6 +30,7 @@ from torch import Tensor
 from gklcli.errors import GKLError
 
 CIFAR_SIZES = {"cifar10": (50000, 10000, 10), "cifar100": (50000, 10000, 100)}
+DIGITS_SIZES = (1397, 400, 10)  # scikit-learn's digits: (train, test, classes) of gkl's fixed split
 KNOWN_TRAIN_SIZES = {"imagenet": 1281167, "imagenet-lt": 115846}  # for plans, without reading the data
 _SPLIT_SEED = 0  # the validation split is the same for every run and seed (never the test set)
 
@@ -254,6 +255,52 @@ def make_synthetic(num: int, num_classes: int, image_size: int, seed: int, split
     return ArraySource(pixels.numpy(), labels.numpy().astype(np.int64), f"synthetic {split}")
 
 
+DIGITS_TEST_PER_CLASS = 40  # 400 test images; the other 1,397 of the 1,797 are the training set
+_DIGITS_SPLIT_SEED = 0
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: float32 N×8×8 images (0..16) and int64 labels, in the dataset's order."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise GKLError("data.dataset: 'digits' needs scikit-learn (pip install scikit-learn)") from None
+    digits = sklearn_digits()
+    return np.asarray(digits.images, dtype=np.float32), np.asarray(digits.target, dtype=np.int64)
+
+
+def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of gkl's fixed digits split, each sorted: `DIGITS_TEST_PER_CLASS` test
+    images per class drawn by `RandomState(0)`, the rest for training."""
+    rng = np.random.RandomState(_DIGITS_SPLIT_SEED)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        test[rng.permutation(np.flatnonzero(labels == c))[:DIGITS_TEST_PER_CLASS]] = True
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def load_digits(split: str, image_size: int = 16) -> ArraySource:
+    """scikit-learn's handwritten digits (1,797 8×8 grey images, values 0..16, 10 classes) as a
+    uint8 N×S×S×3 `ArraySource`: scaled to 0..255, upsampled bilinearly to `image_size`, replicated
+    to three channels.
+
+    Why: it is a *real* dataset that ships inside a package (no download), so the quick start and
+    the real-data tests train on real images on any machine. The train/test split is fixed and
+    stratified: 40 test images per class chosen by NumPy's legacy `RandomState(0)` (whose stream
+    NumPy keeps stable across versions), in dataset order; `data.val_size` is then held out of the
+    training split by `split_validation` as for every dataset.
+    """
+    if split not in ("train", "test"):
+        raise GKLError(f"digits: unknown split {split!r} (train or test)")
+    images, labels = _sklearn_digits()
+    keep = digits_split(labels)[0 if split == "train" else 1]
+    x = torch.from_numpy(images[keep] * (255.0 / 16.0)).unsqueeze(1)  # N×1×8×8, 0..255
+    if image_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    pixels = x.clamp(0, 255).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()
+    return ArraySource(pixels.numpy(), labels[keep], f"digits {split}")
+
+
 @dataclass
 class DataBundle:
     """The training set, the held-out validation set, the test set (if any), the generated set."""
@@ -305,6 +352,10 @@ def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[i
         classes = syn.num_classes
         train = make_synthetic(syn.num_train, classes, syn.image_size, syn.seed, "train", syn.imbalance)
         test = make_synthetic(syn.num_test, classes, syn.image_size, syn.seed, "test")
+    elif name == "digits":
+        classes = 10
+        train = load_digits("train", cfg.digits.image_size)
+        test = load_digits("test", cfg.digits.image_size)
     elif name == "npz":
         train = load_npz(cfg.path, num_classes)
         classes = num_classes or int(train.labels.max()) + 1
@@ -320,7 +371,7 @@ def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[i
         val = image_list(root, cfg.lt_val_list, cfg.image_size, "imagenet-lt val")
         return DataBundle(train, val, test, None, classes, name)
     else:
-        raise GKLError(f"data.dataset: {name!r} is not available for this command (use cifar10, cifar100, npz or synthetic)")
+        raise GKLError(f"data.dataset: {name!r} is not available for this command (use cifar10, cifar100, npz, synthetic or digits)")
     if num_classes is not None and num_classes != classes:
         raise GKLError(f"model.num_classes: {num_classes} does not match dataset {name} ({classes} classes)")
     train, val = split_validation(train, cfg.val_size)
@@ -347,6 +398,8 @@ def train_set_sizes(cfg: Any) -> tuple[int, int]:
         n = CIFAR_SIZES[name][0]
     elif name == "synthetic":
         n = cfg.synthetic.num_train
+    elif name == "digits":
+        n = DIGITS_SIZES[0]
     elif name == "npz":
         n = len(load_npz(cfg.path).labels)
     elif name in KNOWN_TRAIN_SIZES:
@@ -387,15 +440,20 @@ class _SeededTransform:
 
     torchvision draws from the global torch RNG, so the call runs inside `fork_rng` seeded with the
     sample's seed: the result depends only on (seed, epoch, index), and the caller's RNG is untouched.
-    kinds: ``autoaug`` (AutoAugment, CIFAR10 policy) and ``resized_crop`` (RandomResizedCrop(size)
-    and a horizontal flip, the standard ImageNet training augmentation).
+    kinds: ``autoaug`` (AutoAugment, CIFAR10 policy, areas uncovered by rotations/shears filled
+    with grey `fill`: the official CIFAR10Policy's fillcolor is 128, torchvision's default 0),
+    ``rotate15`` (RandomRotation(15), nearest, black fill: DM-AT's CIFAR-100 `base`) and
+    ``resized_crop`` (RandomResizedCrop(size) and a horizontal flip, the standard ImageNet training
+    augmentation).
     """
 
-    def __init__(self, kind: str, size: int = 224) -> None:
+    def __init__(self, kind: str, size: int = 224, fill: int = 128) -> None:
         from torchvision.transforms import v2
 
         if kind == "autoaug":
-            self.transform = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+            self.transform = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill)
+        elif kind == "rotate15":
+            self.transform = v2.RandomRotation(15)
         else:
             self.transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
@@ -408,17 +466,19 @@ class _SeededTransform:
 class TrainView(torch.utils.data.Dataset):
     """Augmented training samples, indexed by ``(epoch, index)`` pairs from `EpochBatchSampler`.
 
-    Indices ≥ len(real) address the generated set. augment: basic (crop+flip), none, or autoaug
-    (returns the basic view *and* an independently cropped/flipped AutoAugment view).
+    Indices ≥ len(real) address the generated set. augment: basic (crop+flip), basic-rot15 (crop,
+    flip, RandomRotation(15): DM-AT's CIFAR-100 training transform), none, or autoaug (returns the
+    basic view *and* an independently cropped/flipped AutoAugment view).
     """
 
-    def __init__(self, real: ArraySource, generated: Optional[ArraySource], augment: str, seed: int):
+    def __init__(self, real: ArraySource, generated: Optional[ArraySource], augment: str, seed: int, autoaug_fill: int = 128):
         if augment == "mdistiller":  # mdistiller's CIFAR augmentation is the basic crop + flip
             augment = "basic"
-        if augment not in ("basic", "autoaug", "none", "imagenet"):
-            raise GKLError(f"data.augment: {augment!r} is not supported (basic, mdistiller, autoaug, imagenet, none)")
+        if augment not in ("basic", "basic-rot15", "autoaug", "none", "imagenet"):
+            raise GKLError(f"data.augment: {augment!r} is not supported (basic, basic-rot15, mdistiller, autoaug, imagenet, none)")
         self.real, self.generated, self.augment, self.seed = real, generated, augment, seed
-        self._autoaug = _SeededTransform("autoaug") if augment == "autoaug" else None
+        self._autoaug = _SeededTransform("autoaug", fill=autoaug_fill) if augment == "autoaug" else None
+        self._rotate = _SeededTransform("rotate15") if augment == "basic-rot15" else None
         self._resized_crop = _SeededTransform("resized_crop", real.image_size) if augment == "imagenet" else None
 
     def __len__(self) -> int:
@@ -435,6 +495,8 @@ class TrainView(torch.utils.data.Dataset):
         if self._resized_crop is not None:
             return self._resized_crop(img, seed), label
         basic = crop_flip(img, gen)
+        if self._rotate is not None:
+            return self._rotate(basic, seed ^ 0x2545F491), label
         if self._autoaug is None:
             return basic, label
         aug = self._autoaug(crop_flip(img, gen), seed ^ 0x5DEECE66D)
@@ -469,10 +531,21 @@ def to_float(images: Tensor, device: torch.device, channels_last: bool = False) 
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Global batches of ``(epoch, index)`` for one epoch; this rank gets its slice of each.
 
-    Real images are a seeded permutation per epoch. With generated data, each global batch holds
-    ``round(fraction·B)`` generated images drawn uniformly (seeded per batch) and the rest real ones;
-    an epoch is one pass over the real images. `set_epoch(epoch, start)` skips the first `start`
-    batches, which is how a resumed run continues mid-epoch.
+    Without generated data an epoch is one pass over a seeded permutation of the real images. With
+    generated data (indices ≥ `num_real`), `generated_sampler` picks the rule:
+
+    * ``dmat`` — DM-AT's `SemiSupervisedSampler` (core/data/semisup.py), the paper's protocol for
+      the generated-data rows: an epoch is ``ceil(epoch_images / B)`` batches, where `epoch_images`
+      is the size of the whole base training set (DM-AT's `dataset_size`, counted *before* its
+      1,024-image validation hold-out). Each batch takes ``B − int(B·fraction)`` real images from a
+      permutation (a fresh one when the previous is used up; a short last chunk is topped up with
+      generated images) plus generated images drawn uniformly with replacement, then shuffled
+      (DM-AT's `np.random.shuffle(batch)`), so each DDP rank gets a random mix.
+    * ``real-pass`` — gkl's earlier rule: one pass over the real images per epoch, each batch
+      ``round(fraction·B)`` generated images (3.3× DM-AT's steps at fraction 0.7).
+
+    Every choice is seeded by (seed, epoch, batch), so `set_epoch(epoch, start)` resumes exactly at
+    batch `start` of the epoch.
     """
 
     def __init__(
@@ -483,6 +556,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         seed: int,
         num_generated: int = 0,
         generated_fraction: float = 0.0,
+        generated_sampler: str = "dmat",
+        epoch_images: Optional[int] = None,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -491,10 +566,17 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             raise GKLError(f"data.batch_size: {batch_size} is not divisible by the {world_size} DDP processes")
         self.num_real, self.batch_size, self.seed = num_real, batch_size, seed
         self.num_generated = num_generated
-        self.n_gen = round(generated_fraction * batch_size) if num_generated else 0
+        self.dmat = bool(num_generated) and generated_sampler == "dmat"
+        if not num_generated:
+            self.n_gen = 0
+        elif self.dmat:
+            self.n_gen = int(batch_size * generated_fraction)  # DM-AT: int(batch_size * unsup_fraction)
+        else:
+            self.n_gen = round(generated_fraction * batch_size)
         self.n_real = batch_size - self.n_gen
         if self.n_real < 1:
             raise GKLError("data.generated.fraction: leaves no real images in a batch; use a value below 1")
+        self.epoch_images = num_real if epoch_images is None else epoch_images
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.start = 1, 0
 
@@ -502,27 +584,60 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch() - self.start
 
     def batches_per_epoch(self) -> int:
+        if self.dmat:
+            return -(-self.epoch_images // self.batch_size)
         full, rest = divmod(self.num_real, self.n_real)
         return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _global_batch(self, perm: Tensor, k: int) -> list[Tensor]:
+    def _generator(self, *keys: int) -> torch.Generator:
+        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, sum(keys)))
+
+    def _generated(self, k: int, count: int) -> Tensor:
+        return self.num_real + torch.randint(self.num_generated, (count,), generator=self._generator(-1 - k))
+
+    def _permutation(self, p: int) -> Tensor:
+        """The p-th real-image permutation of the epoch (p > 0 only when an epoch outlasts one pass)."""
+        return torch.randperm(self.num_real, generator=self._generator(-(2**40), -p * 2**20))
+
+    def _global_batch_dmat(self, k: int) -> Tensor:
+        chunks = -(-self.num_real // self.n_real)  # batches one permutation lasts
+        p, j = divmod(k, chunks)
+        real = self._permutation(p)[j * self.n_real : (j + 1) * self.n_real]
+        batch = torch.cat([real, self._generated(k, self.batch_size - len(real))])
+        return batch[torch.randperm(len(batch), generator=self._generator(-(2**41), -k))]
+
+    def _global_parts(self, perm: Tensor, k: int) -> list[Tensor]:
         real = perm[k * self.n_real : (k + 1) * self.n_real]
         parts = [real]
         if self.n_gen:
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 - k))
             # scale the batch's generated share with its real share (the last batch may be short)
             count = self.n_gen if len(real) == self.n_real else max(1, round(self.n_gen * len(real) / self.n_real))
-            parts.append(self.num_real + torch.randint(self.num_generated, (count,), generator=gen))
+            parts.append(self._generated(k, count))
         return parts
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = torch.randperm(self.num_real, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -(2**40))))
+        perm = None if self.dmat else self._permutation(0)
         for k in range(self.start, self.batches_per_epoch()):
-            mine = [torch.tensor_split(part, self.world_size)[self.rank] for part in self._global_batch(perm, k)]
+            parts = [self._global_batch_dmat(k)] if self.dmat else self._global_parts(perm, k)
+            mine = [torch.tensor_split(part, self.world_size)[self.rank] for part in parts]
             yield [(self.epoch, int(i)) for i in torch.cat(mine)]
+
+
+def make_batch_sampler(cfg: Any, num_train: int, num_generated: int, *, seed: int, rank: int = 0, world_size: int = 1) -> EpochBatchSampler:
+    """The training sampler of a `DataCfg`; `gkl train-at --dry-run` plans with this same function.
+
+    `num_train` counts the training images after the validation hold-out; DM-AT sizes its epoch by
+    the whole base set, so the hold-out is added back for `epoch_images`.
+    """
+    holdout = cfg.val_size if cfg.dataset != "imagenet-lt" else 0
+    return EpochBatchSampler(
+        num_train, cfg.batch_size, seed=seed, num_generated=num_generated, generated_fraction=cfg.generated.fraction,
+        generated_sampler=cfg.generated.sampler, epoch_images=num_train + holdout, drop_last=cfg.drop_last,
+        rank=rank, world_size=world_size,
+    )
 
 
 def make_train_loader(

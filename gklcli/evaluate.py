@@ -27,11 +27,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gklcli import __version__
-from gklcli.attacks import ce_attack_loss, pgd_linf
+from gklcli.attacks import ce_attack_loss, cw_margin_loss, pgd_linf
 from gklcli.errors import GKLError
 from gklcli.loading import LoadedModel
 from gklcli.train.checkpoint import atomic_save, atomic_write_text, load_file
@@ -82,7 +81,8 @@ def manifest(cfg: EvalConfig, model_sha256: str) -> dict[str, Any]:
 
 def load_eval_data(spec: Optional[str], loaded: LoadedModel, data_dir: Optional[str], n_ex: int) -> tuple[Tensor, Tensor, str]:
     """The first `n_ex` test images (float [0,1], N×C×H×W) and labels, and the dataset's name."""
-    from gklcli.data import CIFAR_SIZES, _torchvision_cifar, load_npz, make_synthetic
+    from gklcli.data import CIFAR_SIZES, _torchvision_cifar, load_digits, load_npz, make_synthetic
+    from gklcli.recipes import DigitsCfg
 
     spec = spec or loaded.dataset
     if spec is None:
@@ -97,8 +97,12 @@ def load_eval_data(spec: Optional[str], loaded: LoadedModel, data_dir: Optional[
         if syn is None:
             raise GKLError("--dataset synthetic: only for gkl checkpoints trained on synthetic data (their recipe defines it)")
         source = make_synthetic(syn["num_test"], syn["num_classes"], syn["image_size"], syn["seed"], "test")
+    elif spec == "digits":  # the fixed test split, at the image size the checkpoint was trained on
+        recipe_digits = (loaded.meta.get("recipe") or {}).get("data", {}).get("digits") or {}
+        size = recipe_digits.get("image_size") or loaded.meta.get("image_size") or DigitsCfg().image_size
+        source = load_digits("test", int(size))
     else:
-        raise GKLError(f"--dataset {spec}: use cifar10, cifar100, npz:PATH or synthetic")
+        raise GKLError(f"--dataset {spec}: use cifar10, cifar100, npz:PATH, synthetic or digits")
     n = min(n_ex, len(source))
     images = torch.from_numpy(np.array(source.images[:n], copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
     labels = torch.from_numpy(np.array(source.labels[:n], copy=True)).long()
@@ -217,14 +221,6 @@ def individual_flags(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, de
     adversary = _autoattack(model, cfg, cfg.eps, device)
     results = adversary.run_standard_evaluation_individual(x, y, batch_size=cfg.batch_size)
     return {attack: (y_adv.cpu() == y.cpu()) for attack, (_, y_adv) in results.items()}
-
-
-def cw_margin_loss(logits_adv: Tensor, logits_nat: Tensor, targets: Tensor) -> Tensor:
-    """The CW-∞ loss: max_{j≠y} z_j − z_y (summed), maximised by the attack."""
-    z = logits_adv.float()
-    true = z.gather(1, targets[:, None]).squeeze(1)
-    other = z.masked_fill(F.one_hot(targets, z.shape[1]).bool(), float("-inf")).amax(1)
-    return (other - true).sum()
 
 
 @torch.no_grad()

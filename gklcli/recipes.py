@@ -56,6 +56,12 @@ class ModelCfg:
     num_classes: Optional[int] = _num(None, 2)  # None: the dataset's class count
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     channels_last: bool = False
+    # Ghost batches: in training, BatchNorm normalises groups of this many images (per process), as
+    # nn.DataParallel does on batch/bn_group_size GPUs (running statistics from the first group, as
+    # replica 0's). The official GKL-AT runs: DataParallel on 4 GPUs, 32 of 128 images per GPU.
+    bn_group_size: Optional[int] = _num(None, 1)
+    # DM-AT's first step runs BatchNorm at momentum 1 (running statistics start as that batch's)
+    bn_first_batch_stats: bool = False
 
 
 @dataclass
@@ -65,6 +71,9 @@ class GeneratedCfg:
     path: Optional[str] = None
     fraction: float = _num(0.7, 0.0, 1.0)  # share of each batch drawn from the generated set
     required: bool = False  # the recipe is meaningless without it: training refuses to start
+    # dmat: DM-AT's SemiSupervisedSampler (ceil(N/B) batches per epoch of B − int(B·fraction) real
+    # images); real-pass: one pass over the real images per epoch (gkl's earlier rule, ~3.3× the steps)
+    sampler: Literal["dmat", "real-pass"] = "dmat"
 
 
 @dataclass
@@ -82,8 +91,15 @@ class SyntheticCfg:
 
 
 @dataclass
+class DigitsCfg:
+    """scikit-learn's handwritten digits (8×8, 10 classes), upsampled to `image_size` for the models."""
+
+    image_size: int = _num(16, 8)
+
+
+@dataclass
 class DataCfg:
-    dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "imagenet", "imagenet-lt"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "digits", "imagenet", "imagenet-lt"] = "cifar10"
     root: Optional[str] = None  # dataset directory (`--data-dir`); None: ./data
     download: bool = True  # torchvision download when the files are missing (needs internet)
     path: Optional[str] = None  # the .npz training file for dataset=npz (keys `image`, `label`)
@@ -93,7 +109,9 @@ class DataCfg:
     lt_test_list: str = "ImageNet_LT_test.txt"
     image_size: int = _num(224, 8)  # ImageNet crops
     test_path: Optional[str] = None  # an .npz test file for dataset=npz (final test numbers)
-    augment: Literal["basic", "autoaug", "mdistiller", "imagenet", "none"] = "basic"
+    # basic: RandomCrop(32, 4) + flip; basic-rot15: + RandomRotation(15) (DM-AT's CIFAR-100 `base`)
+    augment: Literal["basic", "basic-rot15", "autoaug", "mdistiller", "imagenet", "none"] = "basic"
+    autoaug_fill: int = _num(128, 0, 255)  # AutoAugment's fill grey (official CIFAR10Policy: 128; torchvision: 0)
     batch_size: int = _num(128, 1)
     eval_batch_size: int = _num(256, 1)
     num_workers: int = _num(4, 0)
@@ -101,6 +119,7 @@ class DataCfg:
     drop_last: bool = False
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
+    digits: DigitsCfg = field(default_factory=DigitsCfg)
 
 
 @dataclass
@@ -123,6 +142,9 @@ class LossCfg:
     ce_weight: float = _num(1.0, 0.0)  # weight of the hard-label cross-entropy
     trades_beta: float = _num(6.0, 0.0)  # β of TRADES when name=trades
     aug_weight: float = _num(0.5, 0.0)  # weight of the AutoAugment view's robust term
+    # AT: which training forward runs first (BatchNorm's running statistics see the last one last):
+    # the official GKL code runs the adversarial batch first, DM-AT's TRADES the clean one
+    forward_order: Literal["adv-first", "clean-first"] = "adv-first"
     label_smoothing: float = _num(0.0, 0.0, 1.0)
     warmup_epochs: int = _num(0, 0)  # KD: the distillation term is scaled by min(epoch/warmup, 1)
     kd_weight: float = _num(1.0, 0.0)  # weight of the KL (KD) or JSD distillation term
@@ -140,7 +162,10 @@ class AttackCfg:
     steps: int = _num(10, 1)
     step_size: float = _num(EPS_2, 0.0, lo_open=True)
     eps_ramp: bool = True  # ε_t = ε·epoch/epochs
-    init_std: float = _num(0.001, 0.0)  # x + init_std·N(0, 1) starting point
+    # start point: normal = x + init_std·N(0, 1) (official GKL/TRADES-AWP); uniform = x + U(−ε, ε)
+    # clamped to [0, 1] (DM-AT's gowal21uncovering TRADES attack)
+    init: Literal["normal", "uniform"] = "normal"
+    init_std: float = _num(0.001, 0.0)
     # eval: BatchNorm uses running statistics (official DKL); train: batch statistics without
     # updating the running ones (DM-AT's `track_bn_stats(model, False)`).
     bn_mode: Literal["eval", "train"] = "eval"
@@ -166,16 +191,20 @@ class OptimCfg:
     momentum: float = _num(0.9, 0.0, 1.0)
     weight_decay: float = _num(5e-4, 0.0)
     nesterov: bool = False
+    bn_weight_decay: bool = True  # false: BatchNorm weights/biases without weight decay (DM-AT's group_weight)
 
 
 @dataclass
 class ScheduleCfg:
     epochs: int = _num(200, 1)
     # cosine-official: lr·½(1+cos(π·epoch/(epochs+1))) per epoch, epochs counted from 1 (DKL code)
-    lr_schedule: Literal["cosine-official", "cosine", "multistep", "constant"] = "cosine-official"
+    # cosine-trades: lr·½(1+cos(π(epoch−1)/epochs)) (official train_trades_cifar.py); onecycle: DM-AT's
+    # `cosinew` (torch OneCycleLR per epoch, warm-up = warmup_epochs, momentum cycled 0.95↔0.85)
+    lr_schedule: Literal["cosine-official", "cosine-trades", "onecycle", "cosine", "multistep", "constant"] = "cosine-official"
     milestones: list[int] = field(default_factory=list)
     lr_decay: float = _num(0.1, 0.0, 1.0)
     warmup_epochs: int = _num(0, 0)  # linear learning-rate warm-up
+    warmup_mode: Literal["step", "epoch"] = "step"  # epoch: lr·e/W per epoch (the official ImageNet-LT script)
 
 
 @dataclass
@@ -185,7 +214,10 @@ class EmaCfg:
 
     mode: Literal["none", "epoch", "step"] = "epoch"
     tau: float = _num(0.9, 0.0, 1.0)
-    start_epoch: int = _num(1, 1)
+    start_epoch: int = _num(1, 1)  # epoch mode: the first epoch averaged
+    # step mode (DM-AT's ema_update): the average copies the model for the first warmup_fraction of
+    # all training steps, then decays by min(τ, (1+n)/(10+n)), n steps after the warm-up
+    warmup_fraction: float = _num(0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -216,10 +248,14 @@ class EvalCfg:
     eps: float = _num(EPS_8, 0.0)
     pgd_steps: int = _num(10, 0)
     pgd_step_size: float = _num(EPS_2, 0.0, lo_open=True)
+    pgd_loss: Literal["ce", "cw"] = "ce"  # the validation attack's loss (DM-AT selects on PGD-40 with CW)
     n_val: Optional[int] = _num(None, 1)  # validate on the first n held-out images (None: all)
     select: Literal["pgd", "clean"] = "pgd"  # best.pt: highest validation PGD (or clean) accuracy
     final_test: bool = True  # evaluate last and best on the test set when training ends
     n_test: Optional[int] = _num(None, 1)  # first n test images for that evaluation (None: all)
+    # evaluate on the test set every N epochs (and at the last) and record the best over epochs,
+    # mdistiller's protocol (it selects on the test set; gkl also keeps the last epoch). 0: off
+    test_every_epochs: int = _num(0, 0)
     aa_version: Literal["standard", "plus", "rand", "custom"] = "standard"
     aa_n_ex: int = _num(10000, 1)
     aa_batch_size: int = _num(500, 1)
@@ -501,10 +537,21 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
     data = recipe.data
     require(data.dataset != "npz" or data.path is not None, "data.path", "dataset 'npz' needs data.path (the .npz file)")
     require(data.augment != "autoaug" or recipe.kind == "at", "data.augment", "'autoaug' two-view training is for kind 'at'")
+    model = recipe.model
+    if model.bn_group_size is not None:
+        forward = data.batch_size * (2 if data.augment == "autoaug" else 1)  # both views in one forward
+        require(forward % model.bn_group_size == 0, "model.bn_group_size",
+                f"{model.bn_group_size} does not divide the {forward} images of a training forward")
+        require(not model.sync_bn, "model.bn_group_size", "ghost batches and model.sync_bn exclude each other")
+    require(recipe.ema.mode == "step" or recipe.ema.warmup_fraction == 0, "ema.warmup_fraction", "is for ema.mode 'step'")
+    require(recipe.ema.mode != "step" or recipe.ema.start_epoch == 1, "ema.start_epoch",
+            "is for ema.mode 'epoch'; the step EMA starts through ema.warmup_fraction")
     sched = recipe.schedule
     require(sched.lr_schedule != "multistep" or bool(sched.milestones), "schedule.milestones", "'multistep' needs milestones")
     require(sorted(sched.milestones) == sched.milestones, "schedule.milestones", f"must be increasing, got {sched.milestones}")
     require(sched.warmup_epochs < sched.epochs, "schedule.warmup_epochs", f"must be < schedule.epochs ({sched.epochs})")
+    require(sched.lr_schedule != "onecycle" or sched.warmup_epochs >= 2, "schedule.warmup_epochs",
+            f"'onecycle' needs a warm-up of at least 2 epochs (torch's OneCycleLR divides by warm-up − 1), got {sched.warmup_epochs}")
     if recipe.kind == "kd":
         require(recipe.teacher.arch is not None, "teacher.arch", "kind 'kd' needs a teacher architecture")
         require(recipe.loss.name in ("gkl", "ikl", "kd", "jsd", "dkd", "ce"), "loss.name", f"{recipe.loss.name!r} is not a distillation loss")

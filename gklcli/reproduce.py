@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from gklcli.errors import GKLError
 from gklcli.recipes import Recipe, load_recipe, resolve_recipe_path
-from gklcli.tables import Row, RunSpec, Table, metric_parts, select_rows
+from gklcli.tables import Row, RunSpec, Table, is_best_metric, metric_parts, select_rows
 from gklcli.train.checkpoint import atomic_write_text
 
 # settings that cannot change a run's numbers: where files are, how often to log, worker counts
@@ -65,7 +65,7 @@ def run_key(recipe: Recipe) -> str:
 def teacher_key(recipe: Recipe) -> str:
     """A teacher report depends on the teacher and the evaluation data only."""
     data = {k: v for k, v in recipe.to_dict()["data"].items() if k in ("dataset", "path", "test_path", "lt_val_list",
-                                                                     "lt_test_list", "image_size", "val_size", "synthetic")}
+                                                                     "lt_test_list", "image_size", "val_size", "synthetic", "digits")}
     return _digest({"teacher": recipe.to_dict()["teacher"], "data": data, "num_classes": recipe.model.num_classes})
 
 
@@ -184,6 +184,10 @@ def smoke_overrides(recipe: Recipe, root: Path) -> list[str]:
         "train.max_steps_per_epoch=3", "train.amp=none", "train.compile=false", "output.tensorboard=false",
         "output.plots=false", "eval.n_test=null", "eval.n_val=null", "eval.pgd_steps=2",
     ]
+    if recipe.model.bn_group_size:  # ghost batches scaled with the batch (16 instead of 128 or 512)
+        sets.append("model.bn_group_size=8")
+    if recipe.schedule.lr_schedule == "onecycle":  # its warm-up (≥ 2 epochs) is part of the schedule
+        sets += ["schedule.epochs=3", "schedule.warmup_epochs=2", "train.max_steps_per_epoch=2"]
     if recipe.kind == "at":
         sets += ["awp.warmup_epochs=1"]
         if recipe.data.generated.path or recipe.data.generated.required:
@@ -541,8 +545,12 @@ def _train_metric(job: Job, metric: str, checkpoint: str) -> Optional[float]:
         values = [json.loads(line).get("s_iter") for line in log.read_text().splitlines() if line.strip()]
         values = [v for v in values if isinstance(v, (int, float))]
         return statistics.fmean(values) if values else None
-    results = _read_json(job.dir / "results.json")
-    value = (results or {}).get(checkpoint, {}).get(f"test_{metric}")
+    results = _read_json(job.dir / "results.json") or {}
+    base, _, qualifier = metric.partition("@")
+    if qualifier == "best":  # the epoch with the best test top-1 (eval.test_every_epochs; mdistiller's protocol)
+        value = (results.get("test_best") or {}).get(f"test_{base}")
+    else:  # the final evaluation of the `--checkpoint` weights (last: the last epoch, = results' top1_last)
+        value = (results.get(checkpoint) or {}).get(f"test_{metric}")
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -601,8 +609,13 @@ def cell_numbers(cell: CellPlan, plan: Plan) -> dict[str, Any]:
     mean = statistics.fmean(done) if done else None
     std = statistics.stdev(done) if len(done) > 1 else (0.0 if done else None)
     delta = mean - cell.paper if mean is not None and cell.paper is not None else None
-    return {"column": cell.column, "paper": cell.paper, "metric": cell.metric, "values": values, "mean": mean, "std": std,
-            "n": len(done), "delta": delta, "runs": [str(j.dir) for j in cell.jobs]}
+    numbers = {"column": cell.column, "paper": cell.paper, "metric": cell.metric, "values": values, "mean": mean, "std": std,
+               "n": len(done), "delta": delta, "runs": [str(j.dir) for j in cell.jobs]}
+    if cell.metric and is_best_metric(cell.metric):  # the last epoch's values beside the best-over-epochs ones
+        last = [_train_metric(j, cell.metric.partition("@")[0], "last") for j in cell.jobs]
+        finished = [v for v in last if v is not None]
+        numbers |= {"last_values": last, "last_mean": statistics.fmean(finished) if finished else None}
+    return numbers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -659,6 +672,10 @@ def table_report(tp: TablePlan, plan: Plan, figures: list[dict[str, Any]]) -> tu
                           "note": row.note, "cells": list(numbers.values())})
     lines += ["", "Each cell: paper → **ours** (mean ± std over seeds) (Δ = ours − paper); “…” not run yet; "
               "“(cited)” numbers of other methods, taken from the paper."]
+    best = sorted({c.metric.partition("@")[0] for c in tp.cells if c.metric and is_best_metric(c.metric)})
+    if best:  # the paper's protocol for mdistiller-based tables: say so under the table
+        lines += ["", f"{', '.join(best).replace('top1', 'top-1')}: best test accuracy over epochs, mdistiller's protocol "
+                  "(the paper's); it selects on the test set, so the last-epoch values are in the JSON (`last_values`)."]
     notes = [f"- row {row.index} ({_escape(row.label)}): {row.note}" for row in tp.rows if row.note]
     if notes:
         lines += ["", *notes]
@@ -666,7 +683,8 @@ def table_report(tp: TablePlan, plan: Plan, figures: list[dict[str, Any]]) -> tu
         lines += ["", f"![{fig['caption']}]({fig['path']})" if fig.get("path") else f"- figure skipped ({fig['caption']}): {fig['reason']}"]
     lines.append("")
     record = {"table": t.name, "paper": t.paper, "title": t.title, "status": t.status, "reason": t.reason,
-              "columns": t.columns, "numeric_columns": t.numeric, "rows": rows_json, "figures": figures}
+              "columns": t.columns, "numeric_columns": t.numeric, "rows": rows_json, "figures": figures,
+              "best_over_epochs": best}
     return "\n".join(lines), record
 
 
@@ -756,22 +774,28 @@ def forward_flops(arch: str, num_classes: int, size: int) -> float:
 
 def estimate_gpu_hours(job: Job) -> float:
     """Order-of-magnitude GPU-hours of a job from its recipe (FLOPs counted on the meta device)."""
-    from gklcli.data import CIFAR_SIZES, KNOWN_TRAIN_SIZES
+    from gklcli.data import CIFAR_SIZES, DIGITS_SIZES, KNOWN_TRAIN_SIZES
     from gklcli.train.plan import at_segments
 
     r = job.recipe
     d = r.data
     classes = r.model.num_classes or (CIFAR_SIZES[d.dataset][2] if d.dataset in CIFAR_SIZES else
-                                      d.synthetic.num_classes if d.dataset == "synthetic" else 1000)
-    size = 32 if d.dataset in CIFAR_SIZES else d.synthetic.image_size if d.dataset == "synthetic" else d.image_size
-    n_test = {"cifar10": 10000, "cifar100": 10000, "imagenet": 50000, "imagenet-lt": 50000}.get(d.dataset, d.synthetic.num_test)
+                                      d.synthetic.num_classes if d.dataset == "synthetic" else
+                                      DIGITS_SIZES[2] if d.dataset == "digits" else 1000)
+    size = (32 if d.dataset in CIFAR_SIZES else d.synthetic.image_size if d.dataset == "synthetic" else
+            d.digits.image_size if d.dataset == "digits" else d.image_size)
+    n_test = {"cifar10": 10000, "cifar100": 10000, "imagenet": 50000, "imagenet-lt": 50000,
+              "digits": DIGITS_SIZES[1]}.get(d.dataset, d.synthetic.num_test)
     if job.kind == "teacher":
         return forward_flops(r.teacher.arch, classes, size) * n_test / GPU_FLOPS / 3600
     fwd = forward_flops(r.model.arch, classes, size)
-    n = (CIFAR_SIZES[d.dataset][0] if d.dataset in CIFAR_SIZES else KNOWN_TRAIN_SIZES.get(d.dataset, d.synthetic.num_train))
+    n = (CIFAR_SIZES[d.dataset][0] if d.dataset in CIFAR_SIZES else DIGITS_SIZES[0] if d.dataset == "digits" else
+         KNOWN_TRAIN_SIZES.get(d.dataset, d.synthetic.num_train))
     n -= d.val_size if d.dataset != "imagenet-lt" else 0
-    if d.generated.path or d.generated.required:  # DM-AT: batches of real+generated, epochs counted in real images
-        n = round(n / max(1e-9, 1 - d.generated.fraction))
+    if d.generated.path or d.generated.required:  # images per epoch: the training sampler's batches (DM-AT's rule)
+        from gklcli.data import make_batch_sampler
+
+        n = make_batch_sampler(d, n, 1, seed=0).batches_per_epoch() * d.batch_size
     epochs = r.schedule.epochs
     if r.train.max_steps_per_epoch:
         n = min(n, r.train.max_steps_per_epoch * d.batch_size)

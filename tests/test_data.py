@@ -115,8 +115,8 @@ def test_sampler_ranks_split_each_global_batch():
         EpochBatchSampler(64, 15, seed=0, world_size=2)
 
 
-def test_sampler_mixes_generated_data_by_fraction():
-    s = EpochBatchSampler(100, 20, seed=0, num_generated=1000, generated_fraction=0.7)
+def test_real_pass_sampler_mixes_generated_data_by_fraction():
+    s = EpochBatchSampler(100, 20, seed=0, num_generated=1000, generated_fraction=0.7, generated_sampler="real-pass")
     batches = _batches(s)
     assert len(batches) == 17  # an epoch is one pass over the 100 real images, 6 per batch
     for batch in batches[:-1]:

@@ -12,7 +12,8 @@ from torch import nn
 
 from gklcli.data import make_synthetic
 from gklcli.errors import GKLError
-from gklcli.evaluate import cw_margin_loss, run_guards
+from gklcli.attacks import cw_margin_loss
+from gklcli.evaluate import run_guards
 from gklcli.loading import load_model_file
 from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.train.at import train_at
@@ -28,7 +29,7 @@ def trained(tmp_path_factory):
     recipe = load_recipe(RECIPES_DIR / "quickstart.yaml", [
         *TINY_OVERRIDES, "data.synthetic.num_classes=10", "data.synthetic.num_train=704", "data.synthetic.num_test=64",
         "data.batch_size=64", "schedule.epochs=4", "attack.eps=4/255", "eval.final_test=false", "ema.mode=none"])
-    train_at(recipe, out_dir=out, quiet=True)
+    train_at(recipe, out_dir=out, quiet=True, device="cpu")  # the model the CPU assertions below were written for
     return out / "last.pt"
 
 
@@ -46,21 +47,23 @@ def flags(path):
     return torch.load(path / "flags.pt", weights_only=True)
 
 
-def test_eval_aa_equals_pyautoattack_called_directly(trained, tmp_path, capsys):
+def test_eval_aa_equals_pyautoattack_called_directly(trained, tmp_path, capsys, device):
+    """Both on the test device: bit-equal flags on a GPU need fp32 convolutions without TF32 and cuDNN's
+    deterministic algorithms, which conftest sets for every test."""
     from pyautoattack import AutoAttack
 
-    code, out, err = run_cli(capsys, "eval-aa", trained, "--dataset", "synthetic", "--out", tmp_path / "ev", *AA)
+    code, out, err = run_cli(capsys, "eval-aa", trained, "--dataset", "synthetic", "--out", tmp_path / "ev", "--device", str(device), *AA)
     assert code == 0, err
     ours = results(tmp_path / "ev")
-    model = load_model_file(trained).module
+    model = load_model_file(trained, device=device).module
     x, y = synthetic_test()
-    adversary = AutoAttack(model, attacks=["apgd-ce", "apgd-t"], device="cpu", eps=2 / 255, norm="Linf", seed=0, version="custom")
+    adversary = AutoAttack(model, attacks=["apgd-ce", "apgd-t"], device=device, eps=2 / 255, norm="Linf", seed=0, version="custom")
     _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=16)
-    direct = (y_adv == y)
+    direct = (y_adv.cpu() == y)
     assert torch.equal(flags(tmp_path / "ev")["robust"], direct)
     assert ours["robust_acc"] == pytest.approx(100 * direct.float().mean().item(), abs=1e-9)
     with torch.no_grad():
-        assert ours["clean_acc"] == pytest.approx(100 * (model(x).argmax(1) == y).float().mean().item(), abs=1e-9)
+        assert ours["clean_acc"] == pytest.approx(100 * (model(x.to(device)).argmax(1).cpu() == y).float().mean().item(), abs=1e-9)
     # per-stage numbers: robust accuracy after each attack, ending at the final number
     assert [s["attack"] for s in ours["stages"]] == ["apgd-ce", "apgd-t"]
     assert ours["stages"][-1]["robust_acc"] == pytest.approx(ours["robust_acc"])

@@ -82,6 +82,7 @@ rows:
         (("AA: aa}", "AA: robust}"), "metrics.AA: unknown metric 'robust'"),
         (("recipe: cifar100_basic}", "recipe: cifar100_basic, cited: true}"), "rows[0]: a cited row has no runs"),
         (("name: tablex", "name: other"), "name: must match the file name"),
+        (("AA: aa}", "AA: top1@last}"), "metrics.AA: unknown metric 'top1@last'"),
         (("  - {labels", "  - {colour: red, labels"), "rows[0].colour: unknown key"),
     ],
 )
@@ -101,6 +102,50 @@ def test_a_table_run_of_the_wrong_kind_or_a_missing_recipe_is_refused(tmp_path, 
     assert code == 2 and "recipe not found: no_such_recipe" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, "reproduce", "table99", "--dry-run")
     assert code == 2 and "unknown table 'table99'" in err
+
+
+KD_TABLE = """name: tablekd
+paper: gkl
+title: "T"
+columns: [Method, Best, Last]
+metrics: {Best: top1@best, Last: top1}
+rows:
+  - {labels: [GKL-KD], paper: [76.83, 76.83], recipe: cifar100_res32x4_res8x4}
+"""
+
+
+def test_cells_read_top1_best_where_the_table_asks_for_it_and_top1_last_otherwise(tmp_path):
+    from gklcli.reproduce import Counts, write_report
+
+    assert {c.metric for r in load_table("table17").rows for c in r.cells if c.run} == {"top1@best", "teacher_top1"}
+    assert load_table("table5").rows[-1].cells[0].metric == "top1@best"  # ImageNet: mdistiller's trainer too
+    assert load_table("table6").rows[-1].cells[-1].metric == "top1"  # ImageNet-LT: the last epoch
+    table = parse_table(_write(tmp_path, KD_TABLE, "tablekd.yaml"))
+    validate_table(table)
+    plan = build_plan([table], rows=None, seeds=1, out=tmp_path / "o", smoke=False, checkpoint="last", data_dir=None)
+    (job,) = plan.train_jobs()  # both columns: one run
+    job.dir.mkdir(parents=True)
+    results = {"last": {"test_top1": 75.9}, "best": {}, "top1_last": 75.9, "top1_best": 76.4, "top1_best_epoch": 231,
+               "test_best": {"epoch": 231, "metric": "test_top1", "value": 76.4, "test_top1": 76.4}}
+    (job.dir / "results.json").write_text(json.dumps(results))
+    path, record = write_report("tablekd", plan, {}, Counts())
+    cells = {c["column"]: c for c in record["tables"][0]["rows"][0]["cells"]}
+    assert cells["Best"]["mean"] == 76.4 and cells["Best"]["last_values"] == [75.9]
+    assert cells["Last"]["mean"] == 75.9 and "last_values" not in cells["Last"]
+    md = path.read_text()
+    assert "76.83 → **76.40 (-0.43)**" in md and "76.83 → **75.90 (-0.93)**" in md
+    assert "top-1: best test accuracy over epochs, mdistiller's protocol" in md and record["tables"][0]["best_over_epochs"] == ["top1"]
+    # a best-over-epochs cell needs a recipe that tests every epoch
+    lt = _write(tmp_path, KD_TABLE.replace("cifar100_res32x4_res8x4", "imagenet_lt_x101_r18"), "tablekd.yaml")
+    with pytest.raises(GKLError, match=r"column 'Best': metric 'top1@best' needs the test set evaluated every epoch.*test_every_epochs 0"):
+        validate_table(parse_table(lt))
+
+
+def test_table6_resnet101_baseline_is_the_resnext101_teacher_trained_alone():
+    row = next(r for r in load_table("table6").rows if r.labels["Method"] == "Baseline" and r.labels["Student"] == "ResNet-101")
+    assert row.cells[-1].paper == 48.33 == load_table("table24").rows[3].cells[0].paper  # the ResNeXt-101 teacher's accuracy
+    recipe = load_recipe(resolve_recipe_path(row.cells[0].run.recipe), list(row.cells[0].run.overrides))
+    assert recipe.model.arch == "resnext101-32x4d" == recipe.teacher.arch and recipe.loss.name == "ce"
 
 
 # ------------------------------------------------------------------------------------------- plans
@@ -137,8 +182,9 @@ def test_runs_are_shared_between_rows_and_tables_and_seeds_are_separate(tmp_path
     basic = load_recipe(resolve_recipe_path("cifar100_basic"), ["train.seed=0"])
     keys = {j.key for j in plan.train_jobs()}
     assert run_key(basic) in keys
-    # table3: 3 rows; table10: α 12/16/24 new (α/4 = 5 is table3's run); table12: sample-wise + γ 0.2/0.3 → 9 settings × 3 seeds
-    assert len(keys) == 9 * 3
+    # table3: 4 rows (with the γ = 1 sibling); table10: α 12/16/24 new (α/4 = 5 is table3's run);
+    # table12: sample-wise + γ 0.2/0.3 → 10 settings × 3 seeds
+    assert len(keys) == 10 * 3
     seeds = sorted(j.seed for j in plan.train_jobs() if j.recipe.meta.name == "cifar100_basic" and not j.spec.overrides)
     assert seeds == [0, 1, 2]
 
@@ -195,7 +241,7 @@ def test_smoke_table3_fills_every_runnable_cell_with_mean_and_std_of_the_seeds(s
     md = (smoke_out / "smoke" / "table3.md").read_text()
     assert record["smoke"] and "SMOKE" in md.splitlines()[0]
     cells = list(_runnable_cells(record))
-    assert len(cells) == 6  # three GKL-AT rows × (Clean, AA)
+    assert len(cells) == 8  # four GKL-AT rows (with the γ = 1 sibling) × (Clean, AA)
     for row, cell in cells:
         assert cell["n"] == 2 and len(cell["runs"]) == 2 and len(set(cell["runs"])) == 2
         # the numbers are those of each seed's own eval-aa results.json
@@ -210,6 +256,7 @@ def test_smoke_table3_fills_every_runnable_cell_with_mean_and_std_of_the_seeds(s
         assert cell["delta"] == pytest.approx(cell["mean"] - cell["paper"])
         assert f"{cell['paper']:.2f} → **{cell['mean']:.2f} ± {cell['std']:.2f}" in md
     assert "60.38 (cited)" in md
+    assert "extra row, not in the paper" in md  # the γ = 1 sibling of GKL-AT (Basic) says what it is
     assert (smoke_out / "smoke" / "figures" / "table3-1-tsne.png").is_file()
 
 
@@ -222,8 +269,11 @@ def test_smoke_table1_fills_every_cell_and_shares_runs(smoke_out):
     # row (e) is the same setting as TABLE III's GKL-AT (Basic) seed 0: found and reused, not retrained
     t3 = {c["runs"][0] for row, c in _runnable_cells(_report(smoke_out, "table3")) if row["index"] == 5}
     assert set(by[("(e)", "AA (%)")]["runs"]) == t3
-    top1 = json.loads((Path(by[("(e)", "Top-1 (%)")]["runs"][0]) / "results.json").read_text())["last"]["test_top1"]
-    assert by[("(e)", "Top-1 (%)")]["mean"] == top1
+    # the KD column is mdistiller's best test top-1 over epochs (top1@best), the last epoch's beside it
+    results = json.loads((Path(by[("(e)", "Top-1 (%)")]["runs"][0]) / "results.json").read_text())
+    assert by[("(e)", "Top-1 (%)")]["metric"] == "top1@best" and by[("(e)", "Top-1 (%)")]["mean"] == results["top1_best"]
+    assert by[("(e)", "Top-1 (%)")]["last_values"] == [results["top1_last"]] == [results["last"]["test_top1"]]
+    assert "top-1: best test accuracy over epochs, mdistiller's protocol" in (smoke_out / "smoke" / "table1.md").read_text()
     assert (smoke_out / "smoke" / "figures" / "table1-1-margins.png").is_file()
 
 
@@ -231,7 +281,7 @@ def test_rerun_reuses_finished_runs_and_evaluations(smoke_out, capsys):
     files = sorted((smoke_out / "smoke" / "runs").glob("*/**/results.json"))
     before = {f: f.stat().st_mtime_ns for f in files}
     code, text, _ = run_cli(capsys, "reproduce", "table3", "--smoke", "--seeds", "2", "--quiet", "--out", str(smoke_out))
-    assert code == 0 and "0 run(s) trained, 6 reused; 0 evaluation(s) run" in text
+    assert code == 0 and "0 run(s) trained, 8 reused; 0 evaluation(s) run" in text
     assert {f: f.stat().st_mtime_ns for f in files} == before
     assert _report(smoke_out, "table3")["counts"]["trained"] == 0
 
@@ -345,7 +395,7 @@ def test_smoke_long_tail_groups_match_a_hand_count(smoke_out, capsys):
 
 
 def test_two_shards_then_report_only_fill_the_table(tmp_path, capsys):
-    args = ("reproduce", "table3", "--rows", "5,7", "--smoke", "--quiet", "--out", str(tmp_path))
+    args = ("reproduce", "table3", "--rows", "5,8", "--smoke", "--quiet", "--out", str(tmp_path))
     for shard in ("0/2", "1/2"):
         code, text, err = run_cli(capsys, *args, "--shard", shard)
         assert code == 0 and "1 run(s) trained" in text, err

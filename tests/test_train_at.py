@@ -28,10 +28,10 @@ def weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_cli_trains_and_writes_every_output(tmp_path, capsys):
+def test_cli_trains_and_writes_every_output(tmp_path, capsys, device):
     out = tmp_path / "run"
     sets = sum((["--set", s] for s in [*TINY, "schedule.epochs=2", "output.tensorboard=true"]), [])
-    args = ["train-at", "quickstart", "--out", str(out), "-q", *sets]
+    args = ["train-at", "quickstart", "--out", str(out), "-q", "--device", str(device), *sets]
     code, stdout, stderr = run_cli(capsys, *args)
     assert code == 0, stderr
     for name in ("recipe.yaml", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt", "curves.png", "results.json", "summary.md"):
@@ -40,7 +40,7 @@ def test_cli_trains_and_writes_every_output(tmp_path, capsys):
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("lr", "eps", "attack_steps", "train_loss", "train_ce", "train_wmse", "train_sce", "val_clean", "val_pgd", "img_s", "seconds"):
         assert key in records[0], key
-    assert records[1]["eps"] == pytest.approx(8 / 255) and records[0]["eps"] == pytest.approx(4 / 255)
+    assert records[1]["eps"] == pytest.approx(32 / 255) and records[0]["eps"] == pytest.approx(16 / 255)  # quickstart's ε
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,lr,eps")
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # the test extra installs tensorboard
     results = json.loads((out / "results.json").read_text())
@@ -58,9 +58,9 @@ def test_cli_trains_and_writes_every_output(tmp_path, capsys):
     assert code == 0 and len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_checkpoint_records_what_eval_and_export_need(tmp_path):
+def test_checkpoint_records_what_eval_and_export_need(tmp_path, device):
     recipe = tiny("schedule.epochs=2")
-    train_at(recipe, out_dir=tmp_path, quiet=True)
+    train_at(recipe, out_dir=tmp_path, quiet=True, device=str(device))
     for name in ("last.pt", "best.pt"):
         ckpt = weights(tmp_path / name)
         assert ckpt["format"] == "gkl-checkpoint" and ckpt["arch"] == "resnet8" and ckpt["num_classes"] == 4
@@ -84,12 +84,13 @@ def _train_state(path):
 @pytest.mark.parametrize("interrupt_after", [3, 7, 12])
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, interrupt_after):
     recipe = tiny("data.augment=autoaug", "train.save_every_steps=5")
-    train_at(recipe, out_dir=tmp_path / "a", quiet=True)
+    cpu = {"quiet": True, "device": "cpu"}  # bit-identical resume is the CPU guarantee (GPU kernels need not be deterministic)
+    train_at(recipe, out_dir=tmp_path / "a", **cpu)
     with pytest.raises(Interrupted, match="continue with --resume"):
-        train_at(recipe, out_dir=tmp_path / "b", quiet=True, interrupt_after_steps=interrupt_after)
+        train_at(recipe, out_dir=tmp_path / "b", interrupt_after_steps=interrupt_after, **cpu)
     partial = weights(tmp_path / "b" / "last.pt")["train_state"]
     assert not partial["finished"] and partial["global_step"] == interrupt_after
-    train_at(recipe, out_dir=tmp_path / "b", quiet=True, resume=True)
+    train_at(recipe, out_dir=tmp_path / "b", resume=True, **cpu)
     model_a, state_a = _train_state(tmp_path / "a" / "last.pt")
     model_b, state_b = _train_state(tmp_path / "b" / "last.pt")
     for key in model_a:
@@ -106,11 +107,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, interrupt_after)
 
 def test_resume_refuses_a_changed_recipe(tmp_path):
     with pytest.raises(Interrupted):
-        train_at(tiny(), out_dir=tmp_path, quiet=True, interrupt_after_steps=2)
+        train_at(tiny(), out_dir=tmp_path, quiet=True, interrupt_after_steps=2, device="cpu")
     with pytest.raises(GKLError, match=r"recipe differs.*loss.gamma \(0.4 → 0.3\)"):
-        train_at(tiny("loss.gamma=0.3"), out_dir=tmp_path, quiet=True, resume=True)
+        train_at(tiny("loss.gamma=0.3"), out_dir=tmp_path, quiet=True, resume=True, device="cpu")
     with pytest.raises(GKLError, match="unfinished run .*--resume"):
-        train_at(tiny(), out_dir=tmp_path, quiet=True)
+        train_at(tiny(), out_dir=tmp_path, quiet=True, device="cpu")
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -127,16 +128,16 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
 
     monkeypatch.setattr(AdversarialStep, "compute", poisoned)
     with pytest.raises(GKLError, match=r"non-finite loss \(nan\) at epoch 2, step 3 \(global step 9\).*last good checkpoint"):
-        train_at(recipe, out_dir=tmp_path, quiet=True)
+        train_at(recipe, out_dir=tmp_path, quiet=True, device="cpu")
     saved = weights(tmp_path / "last.pt")["train_state"]
     assert saved["epoch"] == 2 and saved["batch"] == 0  # the epoch-1 checkpoint, untouched
 
 
-def test_prior_is_fed_by_the_clean_basic_view_only():
+def test_prior_is_fed_by_the_clean_basic_view_only(tmp_path, device):
     recipe = tiny("data.augment=autoaug", "awp.enabled=false")
     from gklcli.train.engine import Engine
 
-    engine = Engine(recipe, AdversarialStep, out_dir="unused", quiet=True)
+    engine = Engine(recipe, AdversarialStep, out_dir=tmp_path, quiet=True, device=str(device))
     step = engine.step
     step.begin_epoch(1)
     batch = next(iter(engine._train_loader(1, 0)))
@@ -144,12 +145,12 @@ def test_prior_is_fed_by_the_clean_basic_view_only():
     assert step.prior._count.sum() == len(batch[0])  # 16 basic images, not 32
     # hand computation: the same train-mode clean forward of both views, basic half, softmax(o/τ)
     model = engine.module
-    x = torch.cat([batch[0], batch[1]]).float() / 255
+    x = (torch.cat([batch[0], batch[1]]).float() / 255).to(device)
     with torch.no_grad():
         logits = model(x)[: len(batch[0])]
     expected = torch.zeros(4, 4, dtype=torch.float64)
-    expected.index_add_(0, batch[2], torch.softmax(logits / 4, dim=1).double())
-    torch.testing.assert_close(step.prior._sum, expected, rtol=1e-6, atol=1e-7)
+    expected.index_add_(0, batch[2], torch.softmax(logits / 4, dim=1).double().cpu())
+    torch.testing.assert_close(step.prior._sum.cpu(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_dry_run_prints_plan_without_training(tmp_path, capsys):
@@ -176,9 +177,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     assert code == 2 and message in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 2
 
 
-def test_bf16_autocast_and_channels_last_train(tmp_path):
+def test_bf16_autocast_and_channels_last_train(tmp_path, device):
     recipe = tiny("train.amp=bf16", "model.channels_last=true", "schedule.epochs=2", "train.max_steps_per_epoch=3")
-    results = train_at(recipe, out_dir=tmp_path, quiet=True)
+    results = train_at(recipe, out_dir=tmp_path, quiet=True, device=str(device))
     assert weights(tmp_path / "last.pt")["train_state"]["global_step"] == 6
     assert math.isfinite(results["last"]["val_clean"])
 
@@ -189,13 +190,17 @@ AT_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if load_recipe(p)
 @pytest.mark.parametrize("name", AT_RECIPES)
 def test_every_at_recipe_runs_three_steps(tmp_path, name):
     recipe = load_recipe(RECIPES_DIR / f"{name}.yaml")
-    extra = [*TINY, "schedule.epochs=1", "train.max_steps_per_epoch=3", "eval.final_test=false", "awp.warmup_epochs=1", "schedule.warmup_epochs=0"]
+    extra = [*TINY, "eval.final_test=false", "awp.warmup_epochs=1"]
+    if recipe.schedule.lr_schedule == "onecycle":  # its warm-up is part of the schedule (≥ 2 epochs)
+        extra += ["schedule.epochs=3", "schedule.warmup_epochs=2", "train.max_steps_per_epoch=1"]
+    else:
+        extra += ["schedule.epochs=1", "schedule.warmup_epochs=0", "train.max_steps_per_epoch=3"]
     if recipe.data.generated.required:
         arrays = {"image": np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8), "label": np.arange(64) % 4}
         np.savez(tmp_path / "gen.npz", **arrays)
         extra.append(f"data.generated.path={tmp_path / 'gen.npz'}")
     recipe = load_recipe(RECIPES_DIR / f"{name}.yaml", extra)
-    results = train_at(recipe, out_dir=tmp_path / "run", quiet=True)
+    results = train_at(recipe, out_dir=tmp_path / "run", quiet=True, device="cpu")
     assert weights(tmp_path / "run" / "last.pt")["train_state"]["global_step"] == 3
     assert 0.0 <= results["last"]["val_clean"] <= 100.0
 
@@ -209,7 +214,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
 
     out = tmp_path / "run"
     sets = sum((["--set", s] for s in [*TINY, "schedule.epochs=6", "train.save_every_steps=1"]), [])
-    cmd = [sys.executable, "-m", "gklcli", "train-at", "quickstart", "--out", str(out), "-q", *sets]
+    cmd = [sys.executable, "-m", "gklcli", "train-at", "quickstart", "--out", str(out), "-q", "--device", "cpu", *sets]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:

@@ -16,7 +16,7 @@ from gklcli.attacks import attack_plan, bn_mode, ce_attack_loss, pgd_linf
 from gklcli.recipes import AttackCfg, OptimCfg, ScheduleCfg
 from gklcli.train.averaging import EpochAverage, StepEMA
 from gklcli.train.awp import AWP
-from gklcli.train.schedule import learning_rate
+from gklcli.train.schedule import learning_rate, momentum
 
 EPS = 8 / 255
 
@@ -198,23 +198,39 @@ def test_epoch_average_equals_swa_py_including_bn_buffers(start):
     assert "1.running_mean" in avg.state
 
 
-def test_step_ema_follows_dm_at_dynamic_decay():
+def dm_at_ema_update(wa_model, model, global_step, decay_rate, warmup_steps):
+    """DM-AT's `ema_update` (gowal21uncovering/utils/watrain.py, dynamic_decay=True), transcribed."""
+    factor = int(global_step >= warmup_steps)
+    delta = global_step - warmup_steps
+    decay = min(decay_rate, (1.0 + delta) / (10.0 + delta)) if 10.0 + delta != 0 else decay_rate
+    decay *= factor
+    for p_swa, p_model in zip(wa_model.parameters(), model.parameters()):
+        p_swa.data *= decay
+        p_swa.data += p_model.data * (1 - decay)
+
+
+@pytest.mark.parametrize("warmup_fraction", [0.0, 0.025, 0.3])
+def test_step_ema_is_dm_at_ema_update_from_the_initial_weights(warmup_fraction):
     model = small_net()
-    ema = StepEMA(0.995)
-    ema.update_step(model, 0, 10)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
-    for n in range(1, 6):
+    wa_model = copy.deepcopy(model)  # DM-AT: WATrainer deep-copies the model before training
+    ema = StepEMA(0.995, model, warmup_fraction)
+    epochs, update_steps = 8, 5
+    total = epochs * update_steps
+    for g in range(1, total + 1):  # DM-AT: global_step = (epoch − 1)·update_steps + update_iter, after the step
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(1.0)
+                p.mul_(0.9).add_(0.3 * g)
             model[1].running_mean.add_(2.0)
-        ema.update_step(model, n, 10)
-        d = min(0.995, (1 + n) / (10 + n))
-        params = dict(model.named_parameters())
-        for k, v in model.state_dict().items():
-            expected[k] = d * expected[k] + (1 - d) * v if k in params else v.clone()
-    for k, v in ema.state.items():
-        torch.testing.assert_close(v, expected[k])
+        ema.update_step(model, g, total)
+        dm_at_ema_update(wa_model, model, g, 0.995, warmup_fraction * epochs * update_steps)
+        params = dict(wa_model.named_parameters())
+        for k, v in ema.state.items():
+            if k in params:
+                torch.testing.assert_close(v, params[k].detach(), rtol=1e-6, atol=1e-6)
+            else:  # DM-AT's update_bn copies the model's BN buffers into the average
+                assert torch.equal(v, model.state_dict()[k])
+    if warmup_fraction == 0.3:  # during the warm-up the average is the model itself
+        assert ema.decay(int(0.3 * total) - 1, total) == 0.0
 
 
 # ------------------------------------------------------------------------------------- lr schedule
@@ -237,3 +253,45 @@ def test_multistep_matches_mdistiller_and_warmup_is_linear():
     lrs = [learning_rate(optim, warm, 1 + s // 4, s % 4, 4) for s in range(8)]
     assert lrs == pytest.approx([0.05 * (s + 1) / 8 for s in range(8)])
     assert learning_rate(optim, warm, 10, 3, 4) < 1e-3
+
+
+@pytest.mark.parametrize(("epochs", "warmup"), [(400, 10), (2400, 60), (20, 3)])
+def test_onecycle_is_torch_onecycle_stepped_per_epoch_with_its_momentum(epochs, warmup):
+    """DM-AT's `cosinew`: OneCycleLR(max_lr=lr, pct_start=0.025, total_steps=epochs), `step()` after
+    every epoch, on SGD(momentum=0.9, nesterov): torch's own scheduler is the reference."""
+    optim = OptimCfg(lr=0.2, momentum=0.9, nesterov=True)
+    sched = ScheduleCfg(epochs=epochs, lr_schedule="onecycle", warmup_epochs=warmup)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2, momentum=0.9, nesterov=True)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, pct_start=warmup / epochs, total_steps=epochs)
+    for epoch in range(1, epochs + 1):
+        group = opt.param_groups[0]
+        for step in (0, 7):  # constant within an epoch
+            assert learning_rate(optim, sched, epoch, step, 25) == pytest.approx(group["lr"], rel=1e-12, abs=1e-18)
+        assert momentum(optim, sched, epoch) == pytest.approx(group["momentum"], rel=1e-12)
+        opt.step()
+        ref.step()
+    assert learning_rate(optim, sched, 1, 0, 25) == pytest.approx(0.2 / 25)
+    assert momentum(OptimCfg(momentum=0.9), ScheduleCfg(lr_schedule="cosine"), 5) == 0.9
+
+
+def test_cosine_trades_is_the_official_trades_formula():
+    """train_trades_cifar.py: lr·0.5·(1 + cos((epoch − 1)/epochs·π)), epochs counted from 1."""
+    optim, sched = OptimCfg(lr=0.2), ScheduleCfg(epochs=200, lr_schedule="cosine-trades")
+    for epoch in (1, 2, 100, 200):
+        official = 0.2 * 0.5 * (1 + math.cos((epoch - 1) / 200 * math.pi))
+        assert learning_rate(optim, sched, epoch, 3, 390) == pytest.approx(official, rel=1e-15)
+    assert learning_rate(optim, sched, 1, 0, 390) == 0.2
+
+
+def test_imagenet_lt_schedule_is_the_official_adjust_learning_rate():
+    """Imbalanced_KD-dkl's adjust_learning_rate (0-based epoch e0, --cos, warm-up 10, 90 epochs)."""
+    def official(e0: int, lr=0.05, warmup=10, epochs=90):
+        if e0 < warmup:
+            return lr / warmup * (e0 + 1)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (e0 - warmup + 1) / (epochs - warmup + 1)))
+
+    optim = OptimCfg(lr=0.05)
+    sched = ScheduleCfg(epochs=90, lr_schedule="cosine-official", warmup_epochs=10, warmup_mode="epoch")
+    for e0 in range(90):
+        for step in (0, 450, 904):  # constant within the epoch
+            assert learning_rate(optim, sched, e0 + 1, step, 905) == pytest.approx(official(e0), rel=1e-14)

@@ -9,6 +9,7 @@ TINY_OVERRIDES = [
     "data.synthetic.num_classes=4",
     "data.val_size=16",
     "data.batch_size=16",
+    "model.bn_group_size=8",  # the paper recipes' ghost batches (32 or 64 images) scaled to the tiny batch
     "data.eval_batch_size=32",
     "data.num_workers=0",
     "eval.pgd_steps=2",

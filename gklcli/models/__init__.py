@@ -2,6 +2,7 @@
 
 # Import order is listing order: adversarial-training models first, then the KD zoo, then ImageNet.
 from gklcli.models import wideresnet, dm_wideresnet, resnet_cifar, resnet_kd, vgg, shufflenet, mobilenet, imagenet  # noqa: F401,I001
+from gklcli.models.batchnorm import GhostBatchNorm2d, bn_momentum, use_ghost_batch_norm
 from gklcli.models.registry import (
     ModelSpec,
     count_params,
@@ -14,7 +15,9 @@ from gklcli.models.registry import (
 )
 
 __all__ = [
+    "GhostBatchNorm2d",
     "ModelSpec",
+    "bn_momentum",
     "count_params",
     "create_model",
     "get_spec",
@@ -22,4 +25,5 @@ __all__ = [
     "normalize_input",
     "register",
     "register_input_norm",
+    "use_ghost_batch_norm",
 ]

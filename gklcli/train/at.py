@@ -7,7 +7,8 @@ One step, as the official `train()`:
    soft-label CE on CIFAR-10, KL for TRADES);
 2. AWP from `awp.warmup_epochs` on: gradient of the training loss at the current weights, perturb;
 3. outer loss in train mode: CE(clean) + GKL(adv, clean) (or TRADES' β·KL), the adversarial
-   forward first and the clean one second, as in the official code (BN statistics depend on it);
+   forward first and the clean one second, as in the official code (BN statistics depend on it;
+   `loss.forward_order: clean-first` is DM-AT's order);
 4. the clean logits of the basic view feed the class prior (softmax(o/τ) per ground-truth class),
    which becomes the prior of the next epoch (uniform during epoch 1).
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gklcli.attacks import AttackPlan, accuracy_counts, attack_plan, ce_attack_loss, pgd_linf
+from gklcli.attacks import AttackPlan, accuracy_counts, attack_plan, ce_attack_loss, cw_margin_loss, pgd_linf
 from gklcli.data import to_float
 from gklcli.losses import ClassPrior, GKLTerms, dkl_terms, gkl_terms, kl_div, soft_cross_entropy
 from gklcli.train.awp import AWP
@@ -88,8 +89,12 @@ class AdversarialStep:
         """CE(clean) + robust term; returns (loss, metrics, clean logits, adversarial logits)."""
         c = self.loss_cfg
         with self.ctx.autocast():
-            logits_adv = forward(x_adv)
-            logits_nat = forward(x)
+            if c.forward_order == "clean-first":  # DM-AT's TRADES: model(x_natural), then model(x_adv)
+                logits_nat = forward(x)
+                logits_adv = forward(x_adv)
+            else:  # the official GKL code: logits_adv first
+                logits_adv = forward(x_adv)
+                logits_nat = forward(x)
         ce = c.ce_weight * F.cross_entropy(logits_nat.float(), targets, label_smoothing=c.label_smoothing)
         if self.two_view:
             half = len(targets) // 2
@@ -128,7 +133,7 @@ class AdversarialStep:
         x, y, n_basic = self._inputs(batch)
         x_adv = pgd_linf(
             ctx.attack_model, x, y, self.attack_loss, eps=self.plan.eps, step_size=self.plan.step_size,
-            steps=self.plan.steps, init="normal", init_std=a.init_std, mode=a.bn_mode, autocast=ctx.autocast,
+            steps=self.plan.steps, init=a.init, init_std=a.init_std, mode=a.bn_mode, autocast=ctx.autocast,
         )
         ctx.model.train()
         diff = None
@@ -154,7 +159,7 @@ class AdversarialStep:
             self.prior.end_epoch()
 
     def evaluate(self, model: nn.Module, loader: Any, prefix: str) -> dict[str, float]:
-        """Clean accuracy and PGD accuracy (CE, uniform start; eval.* settings) in %."""
+        """Clean accuracy and PGD accuracy (CE or CW loss, uniform start; eval.* settings) in %."""
         e = self.ctx.recipe.eval
         model.eval()
         clean = robust = total = 0
@@ -164,7 +169,7 @@ class AdversarialStep:
                 clean += accuracy_counts(model(x), y)
             if e.pgd_steps > 0:
                 x_adv = pgd_linf(
-                    model, x, y, ce_attack_loss, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
+                    model, x, y, cw_margin_loss if e.pgd_loss == "cw" else ce_attack_loss, eps=e.eps, step_size=e.pgd_step_size, steps=e.pgd_steps,
                     init="uniform", mode="eval", autocast=self.ctx.autocast,
                 )
                 with torch.no_grad(), self.ctx.autocast():

@@ -7,9 +7,7 @@ this at each epoch end, so no per-epoch files are needed. Integer buffers (BN's
 `num_batches_tracked`) take the latest value instead of a float average; nothing reads them when
 BN momentum is set.
 
-`StepEMA` is the in-loop EMA of DM-AT's `WATrainer`: after every optimizer step,
-avg ← d·avg + (1−d)·w for parameters with d = min(τ, (1+n)/(10+n)), n steps since the start, and
-buffers copied from the model.
+`StepEMA` is the in-loop EMA of DM-AT's `WATrainer` (see its docstring).
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ class EpochAverage:
                 else:
                     avg.copy_(value)
 
-    def update_step(self, model: nn.Module, global_step: int, steps_per_epoch: int) -> None:
+    def update_step(self, model: nn.Module, global_step: int, total_steps: int) -> None:
         """Nothing per step."""
 
     def state_dict(self) -> dict:
@@ -56,22 +54,27 @@ class EpochAverage:
 
 
 class StepEMA:
-    def __init__(self, tau: float, start_epoch: int = 1):
-        self.tau, self.start_epoch = tau, start_epoch
-        self.state: Optional[State] = None
-        self.updates = 0
+    """DM-AT's `ema_update` (gowal21uncovering/utils/watrain.py), called after every optimizer step
+    with the 1-based global step g: the average starts as the *initial* weights, copies the model
+    while g < W (W = warmup_fraction · total steps), then decays by d = min(τ, (1+δ)/(10+δ)),
+    δ = g − W. Only parameters are averaged; buffers (BN statistics) are the model's."""
+
+    def __init__(self, tau: float, initial: nn.Module, warmup_fraction: float = 0.0):
+        self.tau, self.warmup_fraction = tau, warmup_fraction
+        self.state: Optional[State] = _state(initial)
 
     def update_epoch(self, model: nn.Module, epoch: int) -> None:
         """Nothing per epoch."""
 
-    def update_step(self, model: nn.Module, global_step: int, steps_per_epoch: int) -> None:
-        if global_step < (self.start_epoch - 1) * steps_per_epoch:
-            return
-        if self.state is None:
-            self.state, self.updates = _state(model), 0
-            return
-        self.updates += 1
-        decay = min(self.tau, (1.0 + self.updates) / (10.0 + self.updates))
+    def decay(self, global_step: int, total_steps: int) -> float:
+        warmup = self.warmup_fraction * total_steps
+        if global_step < warmup:
+            return 0.0
+        delta = global_step - warmup
+        return min(self.tau, (1.0 + delta) / (10.0 + delta))
+
+    def update_step(self, model: nn.Module, global_step: int, total_steps: int) -> None:
+        decay = self.decay(global_step, total_steps)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key, value in model.state_dict().items():
@@ -82,16 +85,16 @@ class StepEMA:
                     avg.copy_(value)
 
     def state_dict(self) -> dict:
-        return {"mode": "step", "tau": self.tau, "start_epoch": self.start_epoch, "state": self.state, "updates": self.updates}
+        return {"mode": "step", "tau": self.tau, "warmup_fraction": self.warmup_fraction, "state": self.state}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.state, self.updates = saved["state"], int(saved["updates"])
+        self.state = saved["state"]
 
 
-def make_averager(cfg) -> Optional[EpochAverage | StepEMA]:
-    """From an `EmaCfg`; None when averaging is off."""
+def make_averager(cfg, initial: nn.Module) -> Optional[EpochAverage | StepEMA]:
+    """From an `EmaCfg` and the freshly built model; None when averaging is off."""
     if cfg.mode == "epoch":
         return EpochAverage(cfg.tau, cfg.start_epoch)
     if cfg.mode == "step":
-        return StepEMA(cfg.tau, cfg.start_epoch)
+        return StepEMA(cfg.tau, initial, cfg.warmup_fraction)
     return None

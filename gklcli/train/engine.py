@@ -27,9 +27,9 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from gklcli import __version__
-from gklcli.data import DataBundle, EpochBatchSampler, TrainView, build_data, make_eval_loader, make_train_loader
+from gklcli.data import DataBundle, TrainView, build_data, make_batch_sampler, make_eval_loader, make_train_loader
 from gklcli.errors import GKLError
-from gklcli.models import create_model, get_spec
+from gklcli.models import bn_momentum, create_model, get_spec, use_ghost_batch_norm
 from gklcli.recipes import Recipe
 from gklcli.train import checkpoint as ckpt
 from gklcli.train.averaging import make_averager
@@ -37,7 +37,7 @@ from gklcli.train.distributed import (
     DistEnv, all_equal, all_reduce_sum, barrier, broadcast_buffers, broadcast_flag, init_distributed,
 )
 from gklcli.train.logger import EpochProgress, MetricsLog, plot_curves
-from gklcli.train.schedule import learning_rate
+from gklcli.train.schedule import learning_rate, momentum
 
 # Settings that may change between an interrupted run and its resume: they do not touch the maths.
 RESUME_SAFE = ("output.", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
@@ -115,6 +115,16 @@ class Meters:
         return {k: v / n for k, v in zip(keys, totals[:-1])}
 
 
+def parameter_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
+    """SGD parameter groups: BatchNorm weights and biases without weight decay when
+    `optim.bn_weight_decay` is false (DM-AT's `group_weight`: no decay for 'batchnorm' parameters)."""
+    if opt.bn_weight_decay:
+        return [{"params": list(module.parameters())}]
+    bn = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters(recurse=False)}
+    params = list(module.parameters())
+    return [{"params": [p for p in params if id(p) not in bn]}, {"params": [p for p in params if id(p) in bn], "weight_decay": 0.0}]
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP and torch.compile wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -153,7 +163,9 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Dotted keys whose values differ, ignoring settings that are safe to change on resume."""
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUME_SAFE)]
+    # with per-epoch test evaluations the best so far depends on the test images evaluated
+    unsafe = {"eval.n_test"} if b.get("eval.test_every_epochs") else set()
+    return [k for k in keys if a.get(k) != b.get(k) and (k in unsafe or not k.startswith(RESUME_SAFE))]
 
 
 class Engine:
@@ -182,9 +194,9 @@ class Engine:
         self._build_model()
         opt = recipe.optim
         self.optimizer = torch.optim.SGD(
-            self.module.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
+            parameter_groups(self.module, opt), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
         )
-        self.averager = make_averager(recipe.ema)
+        self.averager = make_averager(recipe.ema, self.module)
         self.eval_module = copy.deepcopy(self.module) if self.averager is not None else self.module
         amp = recipe.train.amp == "bf16"
         device_type = self.env.device.type
@@ -204,6 +216,7 @@ class Engine:
         self.epoch, self.batch, self.global_step = 1, 0, 0
         self.meters = Meters()
         self.best: dict[str, Any] = {}
+        self.test_best: dict[str, Any] = {}  # eval.test_every_epochs: the best test epoch so far
         self.log = MetricsLog(self.out_dir, self.main, recipe.output.tensorboard)
         self._stop_requested: str | bool = False
 
@@ -212,6 +225,8 @@ class Engine:
     def _build_model(self) -> None:
         cfg = self.recipe.model
         module = create_model(cfg.arch, self.num_classes)
+        if cfg.bn_group_size:
+            use_ghost_batch_norm(module, self._bn_groups())
         if cfg.sync_bn and self.env.distributed:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module = module.to(self.env.device)
@@ -228,19 +243,22 @@ class Engine:
             self.attack_model = torch.compile(module)
         self.model = model
 
+    def _bn_groups(self) -> int:
+        """Ghost-batch groups per training forward of this process (both AutoAugment views count)."""
+        r = self.recipe
+        forward = r.data.batch_size // self.env.world_size * (2 if r.data.augment == "autoaug" else 1)
+        if forward % r.model.bn_group_size:
+            raise GKLError(f"model.bn_group_size: {r.model.bn_group_size} does not divide the {forward} images each of the "
+                           f"{self.env.world_size} processes forwards")
+        return forward // r.model.bn_group_size
+
     def _build_loaders(self) -> None:
         r, d = self.recipe, self.data
-        self.sampler = EpochBatchSampler(
-            len(d.train),
-            r.data.batch_size,
-            seed=r.train.seed,
-            num_generated=len(d.generated) if d.generated is not None else 0,
-            generated_fraction=r.data.generated.fraction,
-            drop_last=r.data.drop_last,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
+        self.sampler = make_batch_sampler(
+            r.data, len(d.train), len(d.generated) if d.generated is not None else 0,
+            seed=r.train.seed, rank=self.env.rank, world_size=self.env.world_size,
         )
-        self.train_view = TrainView(d.train, d.generated, r.data.augment, r.train.seed)
+        self.train_view = TrainView(d.train, d.generated, r.data.augment, r.train.seed, r.data.autoaug_fill)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if r.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, r.train.max_steps_per_epoch)
@@ -303,6 +321,7 @@ class Engine:
                 "meters": {"sums": dict(self.meters.sums), "count": self.meters.count, "seconds": self.meters.seconds,
                            "steps": self.meters.steps},
                 "best": dict(self.best),
+                "test_best": dict(self.test_best),
                 "finished": finished,
                 "world_size": self.env.world_size,
             },
@@ -339,6 +358,7 @@ class Engine:
         m = ts["meters"]
         self.meters = Meters(dict(m["sums"]), int(m["count"]), float(m["seconds"]), int(m.get("steps", 0)))
         self.best = dict(ts["best"])
+        self.test_best = dict(ts.get("test_best") or {})
         self.finished = bool(ts["finished"])
         self.log.load(self.epoch - 1)
 
@@ -447,9 +467,13 @@ class Engine:
 
     def train_step(self, batch: Any, epoch: int, lr: float) -> StepResult:
         """One optimisation step: the method's loss, backward, update hooks, optimizer, averaging."""
+        r = self.recipe
+        mom = momentum(r.optim, r.schedule, epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        result = self.step.compute(batch, epoch)
+            group["lr"], group["momentum"] = lr, mom
+        first = r.model.bn_first_batch_stats and self.global_step == 0
+        with bn_momentum(self.module, 1.0) if first else contextlib.nullcontext():
+            result = self.step.compute(batch, epoch)
         self._check_finite(result.loss, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
@@ -459,7 +483,8 @@ class Engine:
         if result.after_update is not None:
             result.after_update()
         if self.averager is not None:
-            self.averager.update_step(self.module, self.global_step, self.steps_per_epoch)
+            # DM-AT's ema_update counts steps from 1, after the optimizer step
+            self.averager.update_step(self.module, self.global_step + 1, self.recipe.schedule.epochs * self.steps_per_epoch)
         return result
 
     def _check_finite(self, loss: Tensor, epoch: int) -> None:
@@ -499,6 +524,15 @@ class Engine:
             if key in val and (not self.best or val[key] > self.best["value"]):
                 self.best = {"epoch": epoch, "metric": key, "value": val[key]}
                 self._save_best(epoch, val)
+        every = r.eval.test_every_epochs
+        if every and self.data.test is not None and (epoch % every == 0 or epoch == r.schedule.epochs):
+            # mdistiller's protocol: the test set after every epoch and the best over epochs. It selects on
+            # the test set, so results.json keeps the last epoch beside it. The RNG is forked: training is unchanged.
+            test = self._evaluate(self.data.test, r.eval.n_test, "test")
+            record.update(test)
+            key = "test_" + self.step.selection_metric.removeprefix("val_")
+            if key in test and (not self.test_best or test[key] > self.test_best["value"]):  # ties: the first epoch
+                self.test_best = {"epoch": epoch, "metric": key, "value": test[key], **test}
         self.log.append(record)
         if self.main:
             self.console.print(epoch_line(record, r.schedule.epochs))
@@ -559,6 +593,17 @@ class Engine:
             results["last"].update(self._evaluate(self.data.test, r.eval.n_test, "test", deploy))
             if best_state is not None:
                 results["best"].update(self._evaluate(self.data.test, r.eval.n_test, "test", best_state))
+        if r.kind == "kd" or self.test_best:
+            # top1_last / top1_best / top1_best_epoch (distillation): the last epoch's test top-1, and the best
+            # test top-1 over epochs with its epoch (eval.test_every_epochs > 0; else null)
+            name = self.step.selection_metric.removeprefix("val_")
+            last = results["last"].get(f"test_{name}")
+            if last is None and self.log.records:
+                last = self.log.records[-1].get(f"test_{name}")
+            results[f"{name}_last"] = last
+            results[f"{name}_best"] = self.test_best.get("value")
+            results[f"{name}_best_epoch"] = self.test_best.get("epoch")
+            results["test_best"] = dict(self.test_best)  # every test metric of the best epoch
         if self.main:  # results first: a checkpoint marked finished always has its results.json
             ckpt.atomic_write_text(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
             ckpt.atomic_write_text(self.out_dir / "summary.md", summary_markdown(results))
@@ -589,6 +634,9 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
         values = [f"{record[k]:.1f}" for k in keys if k in record]
         if values:
             parts.append(f"{label if len(values) == 2 else label.split('/')[0]} {'/'.join(values)}")
+    for label, key in (("val top-1", "val_top1"), ("test top-1", "test_top1")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.1f}")
     parts.append(f"{record['img_s']:,.0f} img/s, {record['seconds']:.0f}s")
     return " | ".join(parts)
 
@@ -612,7 +660,16 @@ def summary_markdown(results: dict[str, Any]) -> str:
         epoch = row.get("epoch", results["epochs"] if part == "last" else "-")
         cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else "-" for k in keys]
         lines.append(f"| {part} | {epoch} | " + " | ".join(cells) + " |")
-    lines += ["", "Accuracies in %. `best` is selected on the held-out validation split, never on the test set.", ""]
+    test_best = results.get("test_best") or {}
+    if test_best:  # eval.test_every_epochs: the epoch with the best test value (mdistiller's protocol)
+        cells = [f"{test_best[k]:.2f}" if isinstance(test_best.get(k), float) else "-" for k in keys]
+        lines.append(f"| best test epoch | {test_best['epoch']} | " + " | ".join(cells) + " |")
+    lines += ["", "Accuracies in %. `best` is selected on the held-out validation split, never on the test set."]
+    if test_best:
+        lines.append(f"`best test epoch` is the epoch with the highest {test_best['metric']} among the per-epoch test "
+                     "evaluations (eval.test_every_epochs): mdistiller's protocol, which the paper's CIFAR-100 and ImageNet "
+                     "KD tables report; it selects on the test set, so `last` is the number that does not.")
+    lines.append("")
     return "\n".join(lines)
 
 

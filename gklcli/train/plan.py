@@ -8,10 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 from gklcli.attacks import attack_plan
-from gklcli.data import EpochBatchSampler, train_set_sizes
+from gklcli.data import make_batch_sampler, train_set_sizes
 from gklcli.models import count_params, get_spec
 from gklcli.recipes import Recipe
-from gklcli.train.schedule import learning_rate
+from gklcli.train.schedule import ONECYCLE_DIV, ONECYCLE_MOMENTUM, learning_rate
 
 
 def _e255(value: float) -> str:
@@ -37,10 +37,9 @@ def at_segments(recipe: Recipe) -> list[dict[str, Any]]:
 def build_plan(recipe: Recipe) -> dict[str, Any]:
     """The numbers of a plan: data sizes, steps, schedule segments (JSON-friendly)."""
     num_train, num_generated = train_set_sizes(recipe.data)
-    sampler = EpochBatchSampler(
-        num_train, recipe.data.batch_size, seed=0, num_generated=num_generated,
-        generated_fraction=recipe.data.generated.fraction, drop_last=recipe.data.drop_last,
-    )
+    # a recipe that requires generated data cannot run without it: plan the run it will make
+    expected_generated = num_generated or int(recipe.data.generated.required)
+    sampler = make_batch_sampler(recipe.data, num_train, expected_generated, seed=0)
     steps = sampler.batches_per_epoch()
     if recipe.train.max_steps_per_epoch:
         steps = min(steps, recipe.train.max_steps_per_epoch)
@@ -64,6 +63,10 @@ def build_plan(recipe: Recipe) -> dict[str, Any]:
         "train_images": num_train,
         "val_images": recipe.data.val_size,
         "generated_images": num_generated,
+        "generated_expected": bool(expected_generated),
+        "real_per_batch": sampler.n_real,
+        "generated_per_batch": sampler.n_gen,
+        "generated_sampler": recipe.data.generated.sampler if expected_generated else None,
         "batch_size": recipe.data.batch_size,
         "steps_per_epoch": steps,
         "epochs": epochs,
@@ -72,27 +75,46 @@ def build_plan(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def _lr_text(recipe: Recipe) -> str:
+    sched = recipe.schedule
+    if sched.lr_schedule != "onecycle":
+        return sched.lr_schedule
+    return (f"onecycle (from {recipe.optim.lr / ONECYCLE_DIV:.3g} up to epoch {sched.warmup_epochs}, "
+            f"momentum {ONECYCLE_MOMENTUM[1]:g}→{ONECYCLE_MOMENTUM[0]:g}→{ONECYCLE_MOMENTUM[1]:g})")
+
+
 def print_plan(plan: dict[str, Any], recipe: Recipe, console: Console) -> None:
     loss = recipe.loss
     console.print(
         f"[bold]{plan['recipe']}[/]: {plan['arch']} ({plan['params'] / 1e6:.1f}M params) on {recipe.data.dataset}, "
         f"{plan['train_images']:,} training images (+{plan['val_images']:,} held out for validation"
-        + (f", {plan['generated_images']:,} generated mixed at {recipe.data.generated.fraction:g}" if plan["generated_images"] else "")
         + ")"
     )
+    if plan["generated_expected"]:
+        count = f"{plan['generated_images']:,}" if plan["generated_images"] else "the (not yet given) data.generated.path"
+        console.print(
+            f"generated images: {count}; each batch {plan['real_per_batch']:,} real + {plan['generated_per_batch']:,} "
+            f"generated ({plan['generated_sampler']} sampler"
+            + (", epoch = ceil(base training set / batch), as DM-AT" if plan["generated_sampler"] == "dmat" else ", epoch = one pass over the real images")
+            + ")"
+        )
     if recipe.kind == "kd":
         method = {"kd": f"KD (T={loss.temperature:g}, CE {loss.ce_weight:g}, KD {loss.kd_weight:g}, ×T²)",
                   "jsd": f"JSD (T={loss.temperature:g}, weight {loss.kd_weight:g})", "ce": "CE only"}.get(
             loss.name, f"{loss.name.upper()}-KD (α={loss.alpha:g}, β={loss.beta:g}, γ={loss.gamma:g}, T={loss.temperature:g}, "
                        f"T2={loss.weight_temperature:g}, {'class-wise (GI)' if loss.weights == 'class' else 'sample-wise'} weights)")
         detail = f"teacher {recipe.teacher.arch} ({recipe.teacher.checkpoint}); {method}; warm-up {loss.warmup_epochs} epochs"
+        every = recipe.eval.test_every_epochs
+        detail += (f"; test set every {every} epoch(s), best and last top-1 reported (mdistiller's protocol)" if every
+                   else "; last epoch's test top-1 reported")
     else:
         detail = (f"loss {loss.name} (α={loss.alpha:g}, β={loss.beta:g}, γ={loss.gamma:g}, τ={loss.prior_temperature:g}, "
                   f"{loss.weights}-wise weights)")
     console.print(
         f"{plan['epochs']} epochs × {plan['steps_per_epoch']:,} steps = {plan['total_steps']:,} steps at batch "
-        f"{plan['batch_size']}; {detail}; lr {recipe.optim.lr:g} {recipe.schedule.lr_schedule}; averaging {recipe.ema.mode}"
+        f"{plan['batch_size']}; {detail}; lr {recipe.optim.lr:g} {_lr_text(recipe)}; averaging {recipe.ema.mode}"
         + (f" τ={recipe.ema.tau:g}" if recipe.ema.mode != "none" else "")
+        + (f"; BatchNorm in ghost batches of {recipe.model.bn_group_size} images" if recipe.model.bn_group_size else "")
     )
     if not plan["segments"]:
         return
