@@ -7,9 +7,12 @@ Files are read with ``weights_only=True``: they hold only tensors, numbers, stri
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +101,69 @@ def _parse_python_state(text: str) -> tuple:
     import ast
 
     return ast.literal_eval(text)
+
+
+LOCK_NAME = ".gkl.lock"
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on an output folder for the life of a run.
+
+    Two processes writing one folder would interleave `last.pt`, `best.pt` and `results.json` from
+    different runs. The lock is a file holding the holder's pid and host, created atomically (a
+    hard link of a complete temporary file, which fails if the lock exists). A lock left by a dead
+    process of this host is taken over; one held by a live process, or by another host (whose
+    processes cannot be checked), is refused with its holder named.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.note: str | None = None  # set when a stale lock was taken over
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        fd, tmp = _temp_file(self.path)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    holder = _holder(self.path)
+                    stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+                    if not stale:
+                        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder else "an unreadable lock"
+                        raise GKLError(f"{self.path.parent}: in use by {who} since {holder.get('started', '?')} "
+                                       f"(lock {self.path}); wait for it, or delete the lock if that process is gone")
+                    self.path.unlink(missing_ok=True)
+                    self.note = f"took over the stale lock of pid {holder['pid']} (no longer running) in {self.path.parent}"
+            raise GKLError(f"{self.path.parent}: another process took the lock at the same moment; try again")
+        finally:
+            os.unlink(tmp)
+
+    def release(self) -> None:
+        if self.held and _holder(self.path).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False

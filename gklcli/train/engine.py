@@ -363,27 +363,37 @@ class Engine:
         self.log.load(self.epoch - 1)
 
     def _prepare_output(self) -> bool:
-        """Create or check the output directory; returns True when resuming from last.pt."""
+        """Check the output directory; returns True when resuming from last.pt.
+
+        A folder holding any run file is refused without --resume or --overwrite, and a refused
+        start writes nothing: recipe.yaml is written by `_write_recipe` once the run is accepted."""
         last = self.out_dir / "last.pt"
+        present = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if last.exists() and not last.is_file():
+            raise GKLError(f"{last}: is not a file; move it away (or pass --overwrite after removing it) to use this folder")
         resume = False
-        if last.is_file():
-            if self.resume_requested:
-                resume = True
-            elif self.recipe.output.overwrite:
-                if self.main:
-                    for name in RUN_FILES:
-                        (self.out_dir / name).unlink(missing_ok=True)
-            else:
-                state = ckpt.load_file(last).get("train_state", {})
-                what = "a finished run" if state.get("finished") else f"an unfinished run (epoch {state.get('epoch')})"
-                raise GKLError(f"{self.out_dir}: holds {what}; pass --resume to continue it or --overwrite to start over")
+        if self.resume_requested and last.is_file():
+            resume = True
+        elif self.recipe.output.overwrite:
+            if self.main:
+                for name in present:
+                    (self.out_dir / name).unlink(missing_ok=True)
+        elif last.is_file():
+            state = ckpt.load_file(last).get("train_state", {})
+            what = "a finished run" if state.get("finished") else f"an unfinished run (epoch {state.get('epoch')})"
+            raise GKLError(f"{self.out_dir}: holds {what}; pass --resume to continue it or --overwrite to start over")
+        elif present:
+            raise GKLError(f"{self.out_dir}: holds run files ({', '.join(present)}) but no last.pt to "
+                           f"{'resume from' if self.resume_requested else 'continue'}; pass --overwrite to start over or use a new --out")
         elif self.resume_requested and self.main:
             self.console.print(f"[yellow]note:[/] nothing to resume in {self.out_dir}; starting a new run")
+        barrier()
+        return resume
+
+    def _write_recipe(self) -> None:
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.out_dir / "recipe.yaml", self.recipe.to_yaml())
-        barrier()
-        return resume
 
     # ---------------------------------------------------------------------------------- training
 
@@ -400,18 +410,34 @@ class Engine:
         preempted there (used by the resume tests). SIGTERM/SIGINT do the same at the next step end.
         """
         self.finished = False
-        if self._prepare_output():
-            self._load(self.out_dir / "last.pt")
-            if self.finished:
-                if self.main:
-                    self.console.print(f"{self.out_dir}: this run already finished; nothing to do")
-                return json.loads((self.out_dir / "results.json").read_text())
-        handlers = _install_signal_handlers(self._request_stop)
+        lock = ckpt.RunLock(self.out_dir) if self.main else None  # under DDP rank 0 holds it for all
         try:
-            return self._loop(interrupt_after_steps)
+            refused: Optional[GKLError] = None
+            if lock is not None:
+                try:
+                    lock.acquire()
+                except GKLError as error:
+                    refused = error
+                if lock.note:
+                    self.console.print(f"[yellow]note:[/] {lock.note}")
+            if broadcast_flag(refused is not None, self.env.device):  # every rank stops, none waits at a barrier
+                raise refused or GKLError(f"{self.out_dir}: rank 0 could not lock the output folder")
+            if self._prepare_output():
+                self._load(self.out_dir / "last.pt")
+                if self.finished:
+                    if self.main:
+                        self.console.print(f"{self.out_dir}: this run already finished; nothing to do")
+                    return json.loads((self.out_dir / "results.json").read_text())
+            self._write_recipe()
+            handlers = _install_signal_handlers(self._request_stop)
+            try:
+                return self._loop(interrupt_after_steps)
+            finally:
+                _restore_signal_handlers(handlers)
         finally:
-            _restore_signal_handlers(handlers)
             self.log.close()
+            if lock is not None:
+                lock.release()
 
     def _loop(self, interrupt_after_steps: Optional[int]) -> dict[str, Any]:
         r = self.recipe

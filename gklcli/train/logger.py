@@ -27,13 +27,8 @@ class MetricsLog:
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
         self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
-
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                self.writer = None
+        # the events file is opened with the first record, so a run refused at start writes nothing
+        self._tensorboard_dir = out_dir / "tensorboard" if enabled and tensorboard else None
 
     def load(self, up_to_epoch: int) -> None:
         """Read earlier records (resume), keeping epochs ≤ `up_to_epoch`."""
@@ -48,6 +43,14 @@ class MetricsLog:
         if not self.enabled:
             return
         self._rewrite()
+        if self.writer is None and self._tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+
+                self.writer = SummaryWriter(str(self._tensorboard_dir))
+            except ImportError:
+                pass
+            self._tensorboard_dir = None
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":
