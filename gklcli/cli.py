@@ -207,8 +207,10 @@ def _eps(text: str) -> float:
     from gklcli.recipes import _to_float
 
     value = _to_float(text, "eps", {"eps": "--eps"})
-    if value <= 0:
-        raise GKLError(f"--eps {text}: must be > 0")
+    if not 0 < value <= 1:  # inputs live in [0, 1]: an ε beyond 1 (or nan) is a typo, not a threat model
+        raise GKLError(f"--eps {text}: must be in (0, 1] (inputs are in [0, 1]; 8/255 is the usual L∞ ε)")
+    if value > 16 / 255 + 1e-12:
+        Console(stderr=True).print(f"[yellow]warning:[/] --eps {text} is above 16/255, far beyond the usual L∞ threat models")
     return value
 
 

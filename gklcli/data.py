@@ -197,8 +197,16 @@ def load_npz(path: str | Path, num_classes: Optional[int] = None, *, max_in_memo
                 )
             with np.load(path) as npz:
                 images = npz["image"]
-        with np.load(path) as npz:
-            labels = np.asarray(npz["label"]).astype(np.int64).reshape(-1)
+        try:
+            with np.load(path) as npz:  # allow_pickle stays off: object arrays are refused
+                raw = np.asarray(npz["label"])
+        except ValueError as error:
+            raise GKLError(f"{path}: `label` cannot be read as numbers ({error})") from None
+        if raw.dtype.kind not in "iu":  # float labels would be truncated silently, strings cannot be classes
+            raise GKLError(f"{path}: `label` must hold integers, got dtype {raw.dtype}")
+        labels = raw.astype(np.int64).reshape(-1)
+    if len(labels) == 0:
+        raise GKLError(f"{path}: holds 0 images")
     _check_arrays(images, labels, str(path), num_classes)
     return ArraySource(images, labels, str(path))
 
@@ -407,7 +415,10 @@ def train_set_sizes(cfg: Any) -> tuple[int, int]:
     else:
         raise GKLError(f"data.dataset: {name!r} is not available for this command")
     gen = len(load_npz(cfg.generated.path).labels) if cfg.generated.path else 0
-    return n - (cfg.val_size if name != "imagenet-lt" else 0), gen
+    held_out = cfg.val_size if name != "imagenet-lt" else 0
+    if held_out >= n:
+        raise GKLError(f"data.val_size: {held_out} leaves no training images (the training set has {n})")
+    return n - held_out, gen
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from gklcli import __version__
 from gklcli.attacks import ce_attack_loss, cw_margin_loss, pgd_linf
 from gklcli.errors import GKLError
 from gklcli.loading import LoadedModel
-from gklcli.train.checkpoint import atomic_save, atomic_write_text, load_file
+from gklcli.train.checkpoint import LOCK_NAME, RunLock, atomic_save, atomic_write_text, load_file
 from gklcli.train.distributed import pick_device
 
 AA_STAGE = re.compile(r"^(\S+) - \d+/\d+ - (\d+) out of \d+ successfully perturbed")
@@ -290,7 +290,10 @@ def check_manifest(out: Path, wanted: dict[str, Any], resume: bool, overwrite: b
     shared directory) needs identical settings."""
     path = out / "manifest.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise GKLError(f"{path}: unreadable ({type(error).__name__}); remove it or pass --overwrite") from None
         if sharded and old == wanted and not overwrite:
             return
         if overwrite:
@@ -454,6 +457,18 @@ def run_evaluation(
     """Evaluate this shard's unfinished chunks; merge and return results when all chunks exist."""
     if shard[1] > 1 and cfg.chunk_size == 0:
         raise GKLError("--shard needs --chunk-size N (the same for every shard) to split the work")
+    # one process per (folder, shard): sibling shards share the folder, a second copy of one is refused
+    name = LOCK_NAME if shard[1] == 1 else f".gkl.shard-{shard[0]}-of-{shard[1]}.lock"
+    with RunLock(out, name):
+        return _evaluate_shard(loaded, x, y, cfg, out, device=device, shard=shard, resume=resume, overwrite=overwrite,
+                               progress=progress, guard_info=guard_info)
+
+
+def _evaluate_shard(
+    loaded: LoadedModel, x: Tensor, y: Tensor, cfg: EvalConfig, out: Path, *, device: torch.device,
+    shard: tuple[int, int], resume: bool, overwrite: bool, progress: Optional[Callable[[int, int, str], None]],
+    guard_info: Optional[dict[str, Any]],
+) -> Optional[dict[str, Any]]:
     wanted = manifest(cfg, loaded.sha256 or "unknown")
     check_manifest(out, wanted, resume, overwrite, sharded=shard[1] > 1)
     ranges = chunk_ranges(len(x), cfg.chunk_size)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -303,6 +305,35 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------------
 
 Sources = dict[str, str]
+# A recipe is a few hundred values: anything far larger is an alias bomb ("billion laughs") or garbage,
+# and is refused before anything walks it (merging, validation, an error message's repr).
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_DEPTH = 64
+_REPR = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 80, 80
+
+
+def _show(value: Any) -> str:
+    """A value as quoted in an error message: repr, bounded in size whatever the value."""
+    return _REPR.repr(value)
+
+
+def check_size(data: Any, origin: str) -> None:
+    """Refuse YAML that expands to more than MAX_RECIPE_VALUES values or nests deeper than
+    MAX_RECIPE_DEPTH (YAML aliases share nodes, so the expansion is counted, not built)."""
+    count, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise GKLError(f"{origin}: expands to more than {MAX_RECIPE_VALUES:,} values (a YAML alias bomb?); refused")
+        if depth > MAX_RECIPE_DEPTH:
+            raise GKLError(f"{origin}: nested deeper than {MAX_RECIPE_DEPTH} levels; refused")
+        if isinstance(node, dict):
+            count += len(node)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -314,8 +345,12 @@ def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
         raise GKLError(f"{origin}: recipe file not found: {path}") from None
     except OSError as err:
         raise GKLError(f"{origin}: cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise GKLError(f"{path}: not UTF-8 text (byte {err.start}); a recipe is a UTF-8 YAML file") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise GKLError(f"{path}: nested too deeply to read; refused") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -323,6 +358,7 @@ def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
         raise GKLError(f"{path}:{where}: invalid YAML: {problem}") from None
     if data is None:
         return {}
+    check_size(data, str(path))
     if not isinstance(data, dict):
         raise GKLError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -359,7 +395,7 @@ def _load_tree(path: Path, sources: Sources, chain: tuple[Path, ...]) -> dict[st
     elif isinstance(parents, str):
         parents = [parents]
     elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
-        raise GKLError(f"{path}: extends: must be a path or a list of paths, got {parents!r}")
+        raise GKLError(f"{path}: extends: must be a path or a list of paths, got {_show(parents)}")
     merged: dict[str, Any] = {}
     for parent in parents:
         merged = _deep_merge(merged, _load_tree(path.parent / parent, sources, (*chain, path)))
@@ -397,22 +433,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise GKLError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. loss.gamma=0.4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
+    except RecursionError:
+        raise GKLError(f"--set {key}: the value is nested too deeply; refused") from None
     except yaml.YAMLError:
         value = raw
+    check_size(value, f"--set {key}")
     return key.split("."), value
 
 
 def _apply_override(tree: dict[str, Any], text: str, sources: Sources) -> None:
     path, value = parse_override(text)
     node = tree
-    for part in path[:-1]:
+    origin = f"--set {text}"
+    for i, part in enumerate(path[:-1]):
         child = node.get(part)
         if not isinstance(child, dict):
             child = {}
             node[part] = child
+            sources[".".join(path[: i + 1])] = origin  # a section this --set created is its own source
         node = child
     node[path[-1]] = value
-    origin = f"--set {text}"
     sources[".".join(path)] = origin
     if isinstance(value, dict):
         _record(value, origin, sources, ".".join(path) + ".")
@@ -438,7 +478,7 @@ def _fail(key: str, sources: Sources, message: str) -> GKLError:
 
 def _to_float(value: Any, key: str, sources: Sources) -> float:
     if isinstance(value, bool):
-        raise _fail(key, sources, f"expected a number, got {value!r}")
+        raise _fail(key, sources, f"expected a number, got {_show(value)}")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
@@ -446,13 +486,13 @@ def _to_float(value: Any, key: str, sources: Sources) -> float:
         if match:
             num, den = (float(g) for g in match.groups())
             if den == 0:
-                raise _fail(key, sources, f"division by zero in {value!r}")
+                raise _fail(key, sources, f"division by zero in {_show(value)}")
             return num / den
         try:
             return float(value)
         except ValueError:
             pass
-    raise _fail(key, sources, f"expected a number (such as 0.5 or 8/255), got {value!r}")
+    raise _fail(key, sources, f"expected a number (such as 0.5 or 8/255), got {_show(value)}")
 
 
 def _convert(value: Any, tp: Any, key: str, sources: Sources) -> Any:
@@ -466,29 +506,34 @@ def _convert(value: Any, tp: Any, key: str, sources: Sources) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise _fail(key, sources, f"must be one of {choices}, got {value!r}")
+            raise _fail(key, sources, f"must be one of {choices}, got {_show(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise _fail(key, sources, f"expected a list, got {value!r}")
+            raise _fail(key, sources, f"expected a list, got {_show(value)}")
         return [_convert(v, args[0], f"{key}[{i}]", sources) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise _fail(key, sources, f"expected a mapping of settings, got {value!r}")
+            raise _fail(key, sources, f"expected a mapping of settings, got {_show(value)}")
         return _build(tp, value, sources, key + ".")
     if tp is bool:
         if not isinstance(value, bool):
-            raise _fail(key, sources, f"expected true or false, got {value!r}")
+            raise _fail(key, sources, f"expected true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, sources, f"expected an integer, got {value!r}")
+            raise _fail(key, sources, f"expected an integer, got {_show(value)}")
+        if not -(2**63) <= value < 2**63:
+            raise _fail(key, sources, f"must fit in 64 bits, got {_show(value)}")
         return value
     if tp is float:
-        return _to_float(value, key, sources)
+        number = _to_float(value, key, sources)
+        if not math.isfinite(number):
+            raise _fail(key, sources, f"must be a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise _fail(key, sources, f"expected a string, got {value!r}")
+            raise _fail(key, sources, f"expected a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {key}")  # a bug in the schema, not user input
 
@@ -498,9 +543,9 @@ def _check_range(value: Any, f: dataclasses.Field, key: str, sources: Sources) -
         return
     lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
     if lo is not None and (value <= lo if lo_open else value < lo):
-        raise _fail(key, sources, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+        raise _fail(key, sources, f"must be {'>' if lo_open else '>='} {lo}, got {_show(value)}")
     if hi is not None and value > hi:
-        raise _fail(key, sources, f"must be <= {hi}, got {value!r}")
+        raise _fail(key, sources, f"must be <= {hi}, got {_show(value)}")
 
 
 def _build(cls: type, data: dict[str, Any], sources: Sources, prefix: str = "") -> Any:

@@ -47,7 +47,8 @@ def test_compressed_npz_loads_small_and_refuses_huge(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"image": np.zeros((4, 8, 8, 3), dtype=np.float32), "label": np.zeros(4)}, "uint8"),
+        ({"image": np.zeros((4, 8, 8, 3), dtype=np.float32), "label": np.zeros(4, dtype=np.int64)}, "uint8"),
+        ({"label": np.zeros(50)}, "must hold integers, got dtype float64"),
         ({"label": np.arange(50) + 10}, r"labels must lie in \[0, 4\]"),
         ({"label": np.arange(3)}, "label"),
     ],

@@ -90,3 +90,90 @@ def test_a_refused_resume_writes_nothing(tmp_path, capsys):
     assert code == 2 and "the recipe differs" in err
     assert (out / "recipe.yaml").read_text() == recipe
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before  # no new events file, no lock
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+
+
+def _recipe_file(tmp_path, text: str | bytes):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "sets", "message"),
+    [
+        # a billion laughs (10⁹ values) under a known key, and through --set
+        ("extends: quickstart.yaml\nmeta:\n  description:\n" + "".join("    " + line + "\n" for line in BOMB.splitlines()), [],
+         "expands to more than 100,000 values"),
+        ("extends: quickstart.yaml\n", ["loss.gamma=" + BOMB.replace("\n", ", ").join("{}")], "expands to more than 100,000 values"),
+        ("extends: quickstart.yaml\nmeta:\n  description: " + "[" * 600 + "]" * 600 + "\n", [], "nested"),
+        (b"extends: quickstart.yaml\nmeta:\n  description: caf\xe9\n", [], "not UTF-8 text"),
+        ("extends: quickstart.yaml\n", ["optim.lr=nan"], "optim.lr: must be a finite number"),
+        ("extends: quickstart.yaml\n", ["loss.gamma=.inf"], "loss.gamma: must be a finite number"),
+        ("extends: quickstart.yaml\n", ["train.seed=99999999999999999999"], "train.seed: must fit in 64 bits"),
+        ("extends: quickstart.yaml\n", ["meta.foo.bar=1"], "--set meta.foo.bar=1: meta.foo: unknown key"),
+    ],
+)
+def test_hostile_recipes_are_refused_in_one_line_quickly(tmp_path, capsys, body, sets, message):
+    from gklcli.recipes import RECIPES_DIR
+
+    path = _recipe_file(tmp_path, body.replace(b"quickstart.yaml", str(RECIPES_DIR / "quickstart.yaml").encode())
+                        if isinstance(body, bytes) else body.replace("quickstart.yaml", str(RECIPES_DIR / "quickstart.yaml")))
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "show-recipe", path, *sum((["--set", s] for s in sets), []))
+    assert time.perf_counter() - start < 1.0
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from gklcli.recipes import RECIPES_DIR, load_recipe
+    from gklcli.train.at import train_at
+
+    out = tmp_path_factory.mktemp("tiny")
+    train_at(load_recipe(RECIPES_DIR / "quickstart.yaml", [*TINY_OVERRIDES, "schedule.epochs=1", "eval.final_test=false"]),
+             out_dir=out, quiet=True, device="cpu")
+    return out / "last.pt"
+
+
+def _npz(tmp_path, name, images, labels):
+    import numpy as np
+
+    path = tmp_path / name
+    np.savez(path, image=images, label=labels)
+    return path
+
+
+def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_checkpoint):
+    import numpy as np
+
+    img = np.zeros((8, 8, 8, 3), dtype=np.uint8)
+    ev = ["eval-aa", tiny_checkpoint, "--version", "custom", "--attacks", "apgd-ce", "--n-ex", "8", "--device", "cpu", "--no-guards"]
+    manifest_dir = tmp_path / "corrupt"
+    manifest_dir.mkdir()
+    (manifest_dir / "manifest.json").write_text("{not json")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    npz_train = ["train-at", "quickstart", "--device", "cpu", "--out", tmp_path / "o", *_sets(), "--set", "data.dataset=npz"]
+    cases = [
+        ([*ev, "--eps", "nan"], "--eps nan: must be in (0, 1]"),
+        ([*ev, "--eps", "300/255"], "--eps 300/255: must be in (0, 1]"),
+        ([*ev, "--out", manifest_dir, "--resume"], "manifest.json: unreadable"),
+        ([*ev, "--out", locked], f"in use by pid {os.getpid()}"),
+        ([*npz_train, "--set", f"data.path={_npz(tmp_path, 'empty.npz', img[:0], np.zeros(0, np.int64))}"], "holds 0 images"),
+        ([*npz_train, "--set", f"data.path={_npz(tmp_path, 'float.npz', img, np.arange(8) + 0.5)}"], "`label` must hold integers, got dtype float64"),
+        ([*npz_train, "--set", f"data.path={_npz(tmp_path, 'str.npz', img, np.array(list('abcdefgh')))}"], "`label` must hold integers"),
+        ([*npz_train, "--set", f"data.path={_npz(tmp_path, 'obj.npz', img, np.array([1, 'a'] * 4, dtype=object))}"], "`label` cannot be read"),
+        (["train-at", "quickstart", "--dry-run", "--set", "data.val_size=5000"], "data.val_size: 5000 leaves no training images"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, (args, err)
+    assert (locked / LOCK_NAME).exists()  # a refused process leaves the holder's lock alone
+    code, _, err = run_cli(capsys, *ev, "--eps", "20/255", "--out", tmp_path / "wide", "-q")
+    assert code == 0 and "above 16/255" in err

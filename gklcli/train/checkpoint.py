@@ -133,8 +133,8 @@ class RunLock:
     processes cannot be checked), is refused with its holder named.
     """
 
-    def __init__(self, folder: str | Path):
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, folder: str | Path, name: str = LOCK_NAME):
+        self.path = Path(folder) / name
         self.note: str | None = None  # set when a stale lock was taken over
         self.held = False
 
@@ -167,3 +167,9 @@ class RunLock:
         if self.held and _holder(self.path).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
