@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gklcli.errors import GKLError
-from gklcli.train.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_write_text
 
 
 class AnalysisUnavailable(GKLError):
@@ -207,7 +207,7 @@ def _save(out: Path, kind: str, result: dict[str, Any], draw: Any) -> dict[str, 
 
 def figure_for(kind: str, ckpts: list[str], png: Path, *, data_dir: Optional[str], device: Optional[str]) -> dict[str, Any]:
     """A report's figure (used by `gkl reproduce`)."""
-    from gklcli.train.distributed import pick_device
+    from gklcli.distributed import pick_device
 
     dev = pick_device(device)
     if kind == "margins":

@@ -308,7 +308,7 @@ def export_robustbench_cmd(
     from pathlib import Path
 
     from gklcli.evaluate import load_eval_data
-    from gklcli.train.distributed import pick_device
+    from gklcli.distributed import pick_device
     from gklcli.export import export
     from gklcli.loading import load_model_file
 
@@ -409,7 +409,7 @@ def analyze_margins_cmd(
     from pathlib import Path
 
     from gklcli import analyze
-    from gklcli.train.distributed import pick_device
+    from gklcli.distributed import pick_device
 
     result = analyze.margins(ckpt_a, ckpt_b, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, pgd_steps=pgd_steps,
                              arch=arch, device=pick_device(device))
@@ -428,7 +428,7 @@ def analyze_scores_cmd(
     from pathlib import Path
 
     from gklcli import analyze
-    from gklcli.train.distributed import pick_device
+    from gklcli.distributed import pick_device
 
     result = analyze.scores(ckpt, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, arch=arch, device=pick_device(device))
     out.print(f"class mean score: max {result['max']:.4f}, min {result['min']:.4f} (ratio {result['ratio_max_min']:.1f}) "
@@ -448,7 +448,7 @@ def analyze_tsne_cmd(
     from pathlib import Path
 
     from gklcli import analyze
-    from gklcli.train.distributed import pick_device
+    from gklcli.distributed import pick_device
 
     result = analyze.tsne(ckpt, Path(output), dataset=dataset, data_dir=data_dir, n=n_ex, classes=classes, seed=seed,
                           arch=arch, device=pick_device(device))

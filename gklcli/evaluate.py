@@ -33,8 +33,8 @@ from gklcli import __version__
 from gklcli.attacks import ce_attack_loss, cw_margin_loss, pgd_linf
 from gklcli.errors import GKLError
 from gklcli.loading import LoadedModel
-from gklcli.train.checkpoint import LOCK_NAME, RunLock, atomic_save, atomic_write_text, load_file
-from gklcli.train.distributed import pick_device
+from gklcli.checkpoint import LOCK_NAME, RunLock, atomic_save, atomic_write_text, load_file
+from gklcli.distributed import pick_device
 
 AA_STAGE = re.compile(r"^(\S+) - \d+/\d+ - (\d+) out of \d+ successfully perturbed")
 MANIFEST_KEYS = ("model_sha256", "dataset", "n_ex", "eps", "norm", "version", "attacks", "seed", "batch_size",

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from gklcli.errors import GKLError
 from gklcli.loading import LoadedModel, load_strict
-from gklcli.train.checkpoint import atomic_save, atomic_write_text
+from gklcli.checkpoint import atomic_save, atomic_write_text
 
 MODEL_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gklcli.errors import GKLError
 from gklcli.models import create_model, get_spec
-from gklcli.train.checkpoint import FORMAT, load_file
+from gklcli.checkpoint import FORMAT, load_file
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _HEADS = ("fc.weight", "logits.weight", "linear.weight", "classifier.weight", "classifier.1.weight", "head.weight")

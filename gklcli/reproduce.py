@@ -26,7 +26,7 @@ from typing import Any, Optional
 from gklcli.errors import GKLError
 from gklcli.recipes import Recipe, load_recipe, resolve_recipe_path
 from gklcli.tables import Row, RunSpec, Table, is_best_metric, metric_parts, select_rows
-from gklcli.train.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_write_text
 
 # settings that cannot change a run's numbers: where files are, how often to log, worker counts
 _NOT_IN_KEY = {("meta",), ("output",), ("data", "root"), ("data", "download"), ("data", "num_workers"),
@@ -469,7 +469,7 @@ def _evaluate_job(job: Job, plan: Plan, *, device: Optional[str], console: Any) 
 def _evaluate_ood(job: Job, plan: Plan, name: str, path: Path, device: Optional[str]) -> None:
     from gklcli.loading import load_model_file
     from gklcli.ood import variant_source, variant_top1, wnid_index_from_list
-    from gklcli.train.distributed import pick_device
+    from gklcli.distributed import pick_device
 
     dev = pick_device(device)
     data = job.recipe.data

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from gklcli.errors import GKLError
-from gklcli.train.checkpoint import LOCK_NAME, RunLock
+from gklcli.checkpoint import LOCK_NAME, RunLock
 from tests_helpers import TINY_OVERRIDES, run_cli
 
 

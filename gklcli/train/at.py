@@ -28,7 +28,7 @@ from gklcli.attacks import AttackPlan, accuracy_counts, attack_plan, ce_attack_l
 from gklcli.data import to_float
 from gklcli.losses import ClassPrior, GKLTerms, dkl_terms, gkl_terms, kl_div, soft_cross_entropy
 from gklcli.train.awp import AWP
-from gklcli.train.distributed import all_reduce_sum
+from gklcli.distributed import all_reduce_sum
 from gklcli.train.engine import Context, StepResult
 
 

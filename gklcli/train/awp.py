@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gklcli.train.distributed import is_distributed
+from gklcli.distributed import is_distributed
 
 _EPS = 1e-20  # the official EPS in ‖w‖ / (‖Δw‖ + EPS)
 

@@ -31,9 +31,9 @@ from gklcli.data import DataBundle, TrainView, build_data, make_batch_sampler, m
 from gklcli.errors import GKLError
 from gklcli.models import bn_momentum, create_model, get_spec, use_ghost_batch_norm
 from gklcli.recipes import Recipe
-from gklcli.train import checkpoint as ckpt
+from gklcli import checkpoint as ckpt
 from gklcli.train.averaging import make_averager
-from gklcli.train.distributed import (
+from gklcli.distributed import (
     DistEnv, all_equal, all_reduce_sum, barrier, broadcast_buffers, broadcast_flag, init_distributed,
 )
 from gklcli.train.logger import EpochProgress, MetricsLog, plot_curves
@@ -641,7 +641,7 @@ def run_training(recipe: Recipe, make_step: Callable[[Context], Step], *, out_di
                  resume: bool = False, quiet: bool = False, device: Optional[str] = None, console: Any = None,
                  interrupt_after_steps: Optional[int] = None) -> dict[str, Any]:
     """Build the engine, train (or resume) to the end, and always release the process group."""
-    from gklcli.train.distributed import shutdown
+    from gklcli.distributed import shutdown
 
     try:
         engine = Engine(recipe, make_step, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=console)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from gklcli.data import long_tailed, to_float
 from gklcli.errors import GKLError
 from gklcli.losses import ClassPrior, dkd_loss, gkl_terms, kl_div
-from gklcli.train.distributed import all_reduce_sum
+from gklcli.distributed import all_reduce_sum
 from gklcli.train.engine import Context, StepResult
 
 LT_BOUNDS = (100, 20)  # ImageNet-LT: many > 100 training images, few < 20, medium in between
@@ -202,7 +202,7 @@ def teacher_report(recipe: Any, *, data_dir: Optional[str], device: Optional[str
     from types import SimpleNamespace
 
     from gklcli.data import build_data, make_eval_loader
-    from gklcli.train.distributed import pick_device
+    from gklcli.distributed import pick_device
 
     dev = pick_device(device)
     data = build_data(recipe.data, data_dir, recipe.model.num_classes)

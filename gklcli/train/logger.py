@@ -12,7 +12,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gklcli.train.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_write_text
 
 
 class MetricsLog:

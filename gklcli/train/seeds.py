@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from gklcli.train.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_write_text
 
 
 def _runner(kind: str):
