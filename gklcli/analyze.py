@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gklcli.errors import GKLError
-from gklcli.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_save_figure, atomic_write_text
 
 
 class AnalysisUnavailable(GKLError):
@@ -96,11 +96,10 @@ def _plot(path: Path, draw: Any) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
     draw(ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def margins(ckpt_a: str, ckpt_b: str, out: Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,

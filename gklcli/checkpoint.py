@@ -7,14 +7,16 @@ Files are read with ``weights_only=True``: they hold only tensors, numbers, stri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -50,6 +52,19 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def atomic_save_figure(fig: Any, path: str | Path, **savefig: Any) -> None:
+    """A matplotlib figure to PNG through a temporary file of its own (two writers never share one)."""
+    path = Path(path)
+    fd, tmp = _temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", **savefig)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a small text file atomically (results, resolved recipes)."""
     path = Path(path)
@@ -57,6 +72,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_file(path: str | Path) -> Any:
@@ -67,8 +90,65 @@ def load_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GKLError(f"{path}: cannot read checkpoint ({first[:200]})") from None
+        raise GKLError(f"{path}: {_load_failure(str(error), type(error).__name__)}") from None
+
+
+def _load_failure(message: str, kind: str) -> str:
+    """One line for a refused torch.load, without torch's advice to retry with weights_only=False.
+
+    That advice would run whatever code the file holds; a file naming a Python callable (os.system,
+    a class's constructor) is refused as such, anything else as unreadable."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return (f"holds Python code objects ({found.group(1)}) that would run on loading; gkl loads tensors only "
+                "and refuses it (re-save the weights alone: torch.save(model.state_dict(), path))")
+    if "Weights only load failed" in message:
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", message, re.S)
+        reason = detail.group(1).strip().splitlines()[0] if detail else "not a PyTorch file of tensors"
+        return f"not a checkpoint gkl can read ({reason[:120]})"
+    first = message.strip().splitlines()[0] if message.strip() else kind
+    return f"cannot read checkpoint ({first[:200]})"
+
+
+def remove_stale_temps(folder: str | Path, names: Iterable[str]) -> list[str]:
+    """Delete the temporary files a killed writer left beside `names` (glob patterns) in `folder`.
+
+    `_temp_file` names them `.NAME.<random>.tmp`; only the lock holder calls this, so no live writer
+    of these names exists. Returns the removed file names."""
+    removed = []
+    for pattern in names:
+        for path in sorted(Path(folder).glob(f".{pattern}.*.tmp")):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def read_json(path: str | Path, what: str = "") -> Any:
+    """A JSON file gkl wrote (results, manifests), with one line for a missing or damaged one."""
+    path = Path(path)
+    label = f"{path}{f' ({what})' if what else ''}"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GKLError(f"{label}: not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise GKLError(f"{label}: unreadable ({str(error).splitlines()[0][:120]}); it was damaged or not written by gkl") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl: one JSON object a line; a damaged line is named by its number."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                raise GKLError(f"{path}: line {number} is not a JSON record; the file was damaged or not written by gkl")
+            records.append(record)
+    return records
 
 
 def rng_state() -> dict[str, Any]:

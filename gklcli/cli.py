@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gklcli import __version__
-from gklcli.errors import GKLError
+from gklcli.errors import GKLError, show
 
 app = typer.Typer(
     name="gkl",
@@ -199,18 +199,18 @@ def _parse_list(text: Optional[str], what: str, convert) -> list:
         return []
     try:
         return [convert(item.strip()) for item in text.split(",") if item.strip()]
-    except (ValueError, GKLError):
-        raise GKLError(f"{what} {text}: expected a comma-separated list") from None
+    except ValueError:
+        raise GKLError(f"{what} {show(text)}: expected a comma-separated list, e.g. 10,20") from None
 
 
-def _eps(text: str) -> float:
-    from gklcli.recipes import _to_float
+def _eps(text: str, option: str = "--eps") -> float:
+    from gklcli.recipes import parse_number
 
-    value = _to_float(text, "eps", {"eps": "--eps"})
-    if not 0 < value <= 1:  # inputs live in [0, 1]: an ε beyond 1 (or nan) is a typo, not a threat model
-        raise GKLError(f"--eps {text}: must be in (0, 1] (inputs are in [0, 1]; 8/255 is the usual L∞ ε)")
+    value = parse_number(text)
+    if value is None or not 0 < value <= 1:  # inputs live in [0, 1]: an ε beyond 1 (or nan) is a typo, not a threat model
+        raise GKLError(f"{option} {show(text)}: must be a number in (0, 1] such as 8/255 (inputs are in [0, 1])")
     if value > 16 / 255 + 1e-12:
-        Console(stderr=True).print(f"[yellow]warning:[/] --eps {text} is above 16/255, far beyond the usual L∞ threat models")
+        Console(stderr=True).print(f"[yellow]warning:[/] {option} {text} is above 16/255, far beyond the usual L∞ threat models")
     return value
 
 
@@ -248,7 +248,7 @@ def eval_aa_cmd(
     """AutoAttack (pyautoattack) robustness with guards, resumable chunks and shards; also PGD/CW and ε sweeps."""
     from pathlib import Path
 
-    from gklcli.evaluate import run_cli_evaluation
+    from gklcli.evaluate import AA_ATTACKS, run_cli_evaluation
 
     if merge_dirs:
         from gklcli.evaluate import write_results
@@ -263,15 +263,18 @@ def eval_aa_cmd(
         attack_list = _parse_list(attacks, "--attacks", str)
         if (version == "custom") != bool(attack_list):
             raise GKLError("--attacks goes with --version custom (and custom needs --attacks)")
+        unknown = [a for a in attack_list if a not in AA_ATTACKS]
+        if unknown:
+            raise GKLError(f"--attacks {show(attacks)}: unknown attack {show(unknown[0])}; use {', '.join(AA_ATTACKS)}")
         if (ckpt is None) == (robustbench_model is None):
             raise GKLError("give a checkpoint file or --robustbench-model NAME (one of them)")
         results = run_cli_evaluation(
             ckpt=ckpt, arch=arch, num_classes=num_classes, dataset=dataset, data_dir=data_dir, n_ex=n_ex,
             batch_size=batch_size, eps=_eps(eps), norm=norm, version=version, attacks=attack_list or None, seed=seed,
             chunk_size=chunk_size, shard=shard, out_dir=out_dir, resume=resume, overwrite=overwrite,
-            eps_list=_parse_list(eps_list, "--eps-list", _eps), pgd=_parse_list(pgd, "--pgd", int),
+            eps_list=_parse_list(eps_list, "--eps-list", lambda t: _eps(t, "--eps-list")), pgd=_parse_list(pgd, "--pgd", int),
             cw=_parse_list(cw, "--cw", int), individual=individual, robustbench_model=robustbench_model,
-            model_dir=model_dir, zoo_dataset=zoo_dataset, guards=not no_guards, device=device, console=None if quiet else err,
+            model_dir=model_dir, zoo_dataset=zoo_dataset, guards=not no_guards, device=device, console=err, quiet=quiet,
         )
         if results is None:
             out.print("this shard is done; combine the shards with: gkl eval-aa --merge DIR [--merge DIR ...] --out DIR")
@@ -307,19 +310,22 @@ def export_robustbench_cmd(
     """Write a RobustBench checkpoint, model_info JSON, zoo entry and SUBMISSION.md, verified against RobustBench."""
     from pathlib import Path
 
-    from gklcli.evaluate import load_eval_data
+    from gklcli.checkpoint import read_json
     from gklcli.distributed import pick_device
+    from gklcli.evaluate import load_eval_data
     from gklcli.export import export
     from gklcli.loading import load_model_file
+    from gklcli.names import MODEL_ID, check_name
 
+    check_name(name, "--name", MODEL_ID, "a RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10")
     dev = pick_device(device)
     loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
     results = None
     if results_file:
-        try:
-            results = json.loads(Path(results_file).read_text())
-        except (OSError, ValueError) as error:
-            raise GKLError(f"--results {results_file}: cannot read ({error})") from None
+        results = read_json(results_file, "--results")
+        missing = [k for k in ("n_ex", "dataset", "clean_acc", "robust_acc", "version", "norm", "seed", "batch_size", "versions") if k not in results] if isinstance(results, dict) else ["all"]
+        if missing:
+            raise GKLError(f"--results {results_file}: not a gkl eval-aa results.json (missing {', '.join(missing)})")
     data = None
     if results is not None and n_ex is not None and n_ex > results["n_ex"]:
         raise GKLError(f"--n-ex {n_ex}: the results cover only {results['n_ex']} images")
@@ -371,6 +377,7 @@ def reproduce_cmd(
         return
     if table is None:
         raise GKLError("give a table (e.g. gkl reproduce table3) or --list")
+    shard_spec = parse_shard(shard)
     if dry_run:
         plan = rp.plan_for(table, rows=rows, seeds=seeds, out=Path(output), smoke=smoke, checkpoint=checkpoint, data_dir=data_dir)
         rp.print_dry_run(plan, out)
@@ -379,7 +386,7 @@ def reproduce_cmd(
 
     try:
         rp.reproduce(table, rows=rows, seeds=seeds, out=Path(output), data_dir=data_dir, smoke=smoke, resume=resume,
-                     report_only=report_only, checkpoint=checkpoint, shard=parse_shard(shard), device=device, quiet=quiet,
+                     report_only=report_only, checkpoint=checkpoint, shard=shard_spec, device=device, quiet=quiet,
                      console=out)
     except Interrupted as stop:
         err.print(f"[yellow]interrupted:[/yellow] {escape(str(stop))}; rerun with --resume to continue")

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from gklcli.errors import GKLError
+from gklcli.errors import GKLError, show
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,16 @@ class DistEnv:
 def pick_device(requested: Optional[str], local_rank: int = 0) -> torch.device:
     """--device if given (refusing CUDA where there is none), else cuda:LOCAL_RANK, else cpu."""
     if requested:
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, ValueError):
+            raise GKLError(f"--device {show(requested)}: use cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise GKLError(f"--device {requested}: gkl runs on cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise GKLError(f"--device {requested}: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise GKLError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 …)")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)

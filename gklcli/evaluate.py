@@ -33,10 +33,13 @@ from gklcli import __version__
 from gklcli.attacks import ce_attack_loss, cw_margin_loss, pgd_linf
 from gklcli.errors import GKLError
 from gklcli.loading import LoadedModel
-from gklcli.checkpoint import LOCK_NAME, RunLock, atomic_save, atomic_write_text, load_file
+from gklcli.checkpoint import LOCK_NAME, RunLock, atomic_save, atomic_write_text, load_file, read_json, remove_stale_temps
 from gklcli.distributed import pick_device
 
-AA_STAGE = re.compile(r"^(\S+) - \d+/\d+ - (\d+) out of \d+ successfully perturbed")
+AA_STAGE = re.compile(r"^(\S+) - (\d+)/(\d+) - (\d+) out of \d+ successfully perturbed")
+AA_DONE = re.compile(r"^robust accuracy after (\S+):")
+EVAL_FILES = ("manifest.json", "results.json", "results.md", "flags.pt")
+AA_ATTACKS = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")  # what pyautoattack's custom version runs
 MANIFEST_KEYS = ("model_sha256", "dataset", "n_ex", "eps", "norm", "version", "attacks", "seed", "batch_size",
                  "chunk_size", "eps_list", "pgd", "cw", "individual", "guards")
 
@@ -103,6 +106,12 @@ def load_eval_data(spec: Optional[str], loaded: LoadedModel, data_dir: Optional[
         source = load_digits("test", int(size))
     else:
         raise GKLError(f"--dataset {spec}: use cifar10, cifar100, npz:PATH, synthetic or digits")
+    if len(source) == 0:
+        raise GKLError(f"--dataset {spec}: holds 0 test images")
+    size = loaded.meta.get("image_size")
+    if size and tuple(source.images.shape[1:3]) != (size, size):
+        raise GKLError(f"--dataset {spec}: its images are {source.images.shape[1]}×{source.images.shape[2]}, "
+                       f"but the model was trained on {size}×{size}")
     n = min(n_ex, len(source))
     images = torch.from_numpy(np.array(source.images[:n], copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
     labels = torch.from_numpy(np.array(source.labels[:n], copy=True)).long()
@@ -166,25 +175,35 @@ def run_guards(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, dataset
 
 
 class _StageCounter(logging.Handler):
-    """Counts, per attack, the points pyautoattack reports as successfully perturbed (its DEBUG log)."""
+    """Follows pyautoattack's DEBUG log: the points each attack removed, and a progress line per batch.
 
-    def __init__(self, on_line: Optional[Callable[[str], None]] = None):
+    `on_stage(text, finished)` gets "apgd-t batch 2/4: 312/500 robust, 45 s" after each batch and
+    "apgd-t done: …" when the attack ends (`finished`), so a long chunk shows where it is."""
+
+    def __init__(self, robust: int, n: int, on_stage: Optional[Callable[[str, bool], None]] = None):
         super().__init__(logging.DEBUG)
         self.removed: dict[str, int] = {}
         self.order: list[str] = []
-        self.on_line = on_line
+        self.robust, self.n, self.tick = robust, n, time.perf_counter()
+        self.on_stage = on_stage
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        match = AA_STAGE.match(message)
+        match, done = AA_STAGE.match(message), AA_DONE.match(message)
         if match:
-            attack = match.group(1)
+            attack, batch, batches, removed = match.group(1), match.group(2), match.group(3), int(match.group(4))
             if attack not in self.removed:
                 self.order.append(attack)
                 self.removed[attack] = 0
-            self.removed[attack] += int(match.group(2))
-        if self.on_line is not None:
-            self.on_line(message)
+            self.removed[attack] += removed
+            self.robust -= removed
+            self._report(f"{attack} batch {batch}/{batches}", False)
+        elif done:
+            self._report(f"{done.group(1).lower()} done", True)
+
+    def _report(self, what: str, finished: bool) -> None:
+        if self.on_stage is not None:
+            self.on_stage(f"{what}: {self.robust}/{self.n} robust, {time.perf_counter() - self.tick:.1f} s", finished)
 
 
 def _autoattack(model: nn.Module, cfg: EvalConfig, eps: float, device: torch.device) -> Any:
@@ -196,11 +215,11 @@ def _autoattack(model: nn.Module, cfg: EvalConfig, eps: float, device: torch.dev
 
 def autoattack_flags(
     model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, eps: float, device: torch.device,
-    on_line: Optional[Callable[[str], None]] = None,
+    on_stage: Optional[Callable[[str, bool], None]] = None, clean_correct: Optional[int] = None,
 ) -> tuple[Tensor, dict[str, int], float]:
     """Robust flags of one direct pyautoattack call, the points each attack removed, max perturbation."""
     logger = logging.getLogger("auto-attack")
-    counter = _StageCounter(on_line)
+    counter = _StageCounter(len(x) if clean_correct is None else clean_correct, len(x), on_stage)
     level = logger.level
     logger.addHandler(counter)
     logger.setLevel(logging.DEBUG)
@@ -241,13 +260,16 @@ def pgd_flags(model: nn.Module, x: Tensor, y: Tensor, loss: str, steps: int, cfg
 
 
 def evaluate_chunk(model: nn.Module, x: Tensor, y: Tensor, start: int, cfg: EvalConfig, device: torch.device,
-                   on_line: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                   progress: Optional["EvalProgress"] = None) -> dict[str, Any]:
     """Every configured evaluation on one chunk; the payload of its chunk file."""
     tick = time.perf_counter()
     payload: dict[str, Any] = {"start": start, "end": start + len(x), "clean": predict(model, x, cfg.batch_size, device) == y}
     payload["aa"] = {}
-    for eps in [cfg.eps, *[e for e in cfg.eps_list if abs(e - cfg.eps) > 1e-12]]:
-        flags, removed, size = autoattack_flags(model, x, y, cfg, eps, device, on_line)
+    runs = [cfg.eps, *[e for e in cfg.eps_list if abs(e - cfg.eps) > 1e-12]]
+    for eps in runs:
+        where = f"images {start}–{start + len(x)}" + (f", ε {format_eps(eps)}" if len(runs) > 1 else "")
+        on_stage = (lambda text, finished, where=where: progress.stage(f"{where}: {text}", finished)) if progress else None
+        flags, removed, size = autoattack_flags(model, x, y, cfg, eps, device, on_stage, int(payload["clean"].sum()))
         payload["aa"][format_eps(eps)] = {"robust": flags, "removed": removed, "max_perturbation": size}
     extra = {}
     devices = [device] if device.type == "cuda" else []
@@ -290,16 +312,13 @@ def check_manifest(out: Path, wanted: dict[str, Any], resume: bool, overwrite: b
     shared directory) needs identical settings."""
     path = out / "manifest.json"
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise GKLError(f"{path}: unreadable ({type(error).__name__}); remove it or pass --overwrite") from None
+        old = read_manifest(out) if not overwrite else {}
         if sharded and old == wanted and not overwrite:
             return
         if overwrite:
             for file in (out / "chunks").glob("chunk_*.pt"):
                 file.unlink()
-            for name in ("results.json", "results.md", "flags.pt"):
+            for name in EVAL_FILES[1:]:
                 (out / name).unlink(missing_ok=True)
         elif not resume:
             raise GKLError(f"{out}: holds an evaluation already; pass --resume to continue or reuse it, or --overwrite")
@@ -310,13 +329,31 @@ def check_manifest(out: Path, wanted: dict[str, Any], resume: bool, overwrite: b
     atomic_write_text(path, json.dumps(wanted, indent=2) + "\n")
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """FOLDER/manifest.json, with every key a resume or merge compares."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise GKLError(f"{folder}: no manifest.json (not a gkl eval-aa directory)")
+    try:
+        man = read_json(path)
+    except GKLError as error:
+        raise GKLError(f"{error}; remove the folder's evaluation or pass --overwrite") from None
+    missing = [k for k in MANIFEST_KEYS if k not in man] if isinstance(man, dict) else ["all keys"]
+    if missing:
+        raise GKLError(f"{path}: unreadable as a gkl manifest (missing {', '.join(missing[:4])}); remove it or pass --overwrite")
+    return man
+
+
+def _read_chunk(file: Path) -> dict[str, Any]:
+    payload = load_file(file)
+    if not isinstance(payload, dict) or not {"start", "end", "clean", "aa", "extra", "individual"} <= set(payload):
+        raise GKLError(f"{file}: not a gkl eval-aa chunk (damaged?); delete it and rerun with --resume to redo those images")
+    return payload
+
+
 def merge(dirs: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Combine the chunk files of `dirs` (one evaluation, possibly sharded): (manifest, aggregate)."""
-    manifests = []
-    for d in dirs:
-        if not (d / "manifest.json").is_file():
-            raise GKLError(f"{d}: no manifest.json (not a gkl eval-aa directory)")
-        manifests.append(json.loads((d / "manifest.json").read_text()))
+    manifests = [read_manifest(d) for d in dirs]
     for d, m in zip(dirs[1:], manifests[1:]):
         if m != manifests[0]:
             diff = [k for k in MANIFEST_KEYS if m.get(k) != manifests[0].get(k)]
@@ -325,7 +362,7 @@ def merge(dirs: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     chunks: dict[tuple[int, int], dict[str, Any]] = {}
     for d in dirs:
         for file in sorted((d / "chunks").glob("chunk_*.pt")):
-            payload = load_file(file)
+            payload = _read_chunk(file)
             chunks[(payload["start"], payload["end"])] = payload
     expected = chunk_ranges(man["n_ex"], man["chunk_size"])
     missing = [r for r in expected if r not in chunks]
@@ -452,7 +489,7 @@ def write_results(out: Path, dirs: list[Path], extra_info: dict[str, Any]) -> di
 def run_evaluation(
     loaded: LoadedModel, x: Tensor, y: Tensor, cfg: EvalConfig, out: Path, *, device: torch.device,
     shard: tuple[int, int] = (0, 1), resume: bool = False, overwrite: bool = False,
-    progress: Optional[Callable[[int, int, str], None]] = None, guard_info: Optional[dict[str, Any]] = None,
+    progress: Optional["EvalProgress"] = None, guard_info: Optional[dict[str, Any]] = None,
 ) -> Optional[dict[str, Any]]:
     """Evaluate this shard's unfinished chunks; merge and return results when all chunks exist."""
     if shard[1] > 1 and cfg.chunk_size == 0:
@@ -466,23 +503,32 @@ def run_evaluation(
 
 def _evaluate_shard(
     loaded: LoadedModel, x: Tensor, y: Tensor, cfg: EvalConfig, out: Path, *, device: torch.device,
-    shard: tuple[int, int], resume: bool, overwrite: bool, progress: Optional[Callable[[int, int, str], None]],
+    shard: tuple[int, int], resume: bool, overwrite: bool, progress: Optional["EvalProgress"],
     guard_info: Optional[dict[str, Any]],
 ) -> Optional[dict[str, Any]]:
     wanted = manifest(cfg, loaded.sha256 or "unknown")
     check_manifest(out, wanted, resume, overwrite, sharded=shard[1] > 1)
     ranges = chunk_ranges(len(x), cfg.chunk_size)
     mine = [r for i, r in enumerate(ranges) if i % shard[1] == shard[0]]
+    # temporary files a killed writer left: this shard's chunks; the folder's own files only when unsharded
+    if shard[1] > 1:
+        removed = remove_stale_temps(out / "chunks", [chunk_path(out, *r).name for r in mine])
+    else:
+        removed = remove_stale_temps(out / "chunks", ["chunk_*"]) + remove_stale_temps(out, EVAL_FILES)
+    if removed and progress:
+        progress.note(f"removed {len(removed)} temporary file(s) a killed evaluation left: {', '.join(removed[:3])}")
     todo = [r for r in mine if not chunk_path(out, *r).is_file()]
     total = sum(b - a for a, b in mine)
     done_images = total - sum(b - a for a, b in todo)
+    if progress:
+        progress.chunk(done_images, total, f"{len(todo)} of {len(mine)} chunk(s) to evaluate" if todo else "all chunks done")
     for a, b in todo:
-        line = (lambda text: progress(done_images, total, text)) if progress else None
-        payload = evaluate_chunk(loaded.module, x[a:b], y[a:b], a, cfg, device, line)
+        payload = evaluate_chunk(loaded.module, x[a:b], y[a:b], a, cfg, device, progress)
         atomic_save(payload, chunk_path(out, a, b))
         done_images += b - a
         if progress:
-            progress(done_images, total, f"chunk {a}–{b} done")
+            robust = int(payload["aa"][format_eps(cfg.eps)]["robust"].sum())
+            progress.chunk(done_images, total, f"images {a}–{b} done: {robust}/{b - a} robust, {payload['seconds']:.0f} s")
     info = {"model": {"path": str(loaded.path) if loaded.path else None, "arch": loaded.arch, "source": loaded.source,
                       "num_classes": loaded.num_classes},
             "guard_checks": guard_info or {}, "device": _device_name(device)}
@@ -510,7 +556,7 @@ def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes:
                        resume: bool, overwrite: bool, eps_list: list[float], pgd: list[int], cw: list[int], individual: bool,
                        robustbench_model: Optional[str], model_dir: str, guards: bool, device: Optional[str],
                        zoo_dataset: Optional[str] = None,
-                       console: Any = None) -> Optional[dict[str, Any]]:
+                       console: Any = None, quiet: bool = False) -> Optional[dict[str, Any]]:
     """`gkl eval-aa`: load, check, evaluate this shard, merge when complete."""
     from gklcli.loading import load_model_file, load_robustbench_zoo_model
 
@@ -534,22 +580,68 @@ def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes:
     loaded.module.eval()
     guard_info = run_guards(loaded.module, x, y, loaded.num_classes, data_name, dev) if guards else {"disabled": True}
     out = Path(out_dir or f"evals/{name}")
-    return _with_progress(console, len(x), lambda report: run_evaluation(
-        loaded, x, y, cfg, out, device=dev, shard=shard_spec, resume=resume, overwrite=overwrite, progress=report, guard_info=guard_info))
+    with EvalProgress(console, quiet) as progress:
+        return run_evaluation(loaded, x, y, cfg, out, device=dev, shard=shard_spec, resume=resume, overwrite=overwrite,
+                              progress=progress, guard_info=guard_info)
 
 
-def _with_progress(console: Any, total: int, run: Callable[[Callable[[int, int, str], None]], Any]) -> Any:
-    """A rich progress bar over images (img/s), fed by chunk completions and pyautoattack's log lines."""
-    if console is None:
-        return run(lambda *_: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class EvalProgress:
+    """What eval-aa shows while it works, fed by chunk completions and pyautoattack's attack log.
 
-    tick = time.perf_counter()
-    with Progress(TextColumn("AutoAttack"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("aa", total=total, info="")
+    With a console: a rich bar over images (img/s) whose text follows the current attack batch by
+    batch (attack, images still robust, elapsed). Quiet: one line per finished attack and chunk, for
+    log files. Without a console: nothing."""
 
-        def report(done: int, mine: int, text: str) -> None:
-            bar.update(task, total=mine, completed=done, info=f"{done / max(time.perf_counter() - tick, 1e-9):.1f} img/s {text[:60]}")
+    def __init__(self, console: Any, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.bar: Any = None
+        self.task: Any = None
+        self.tick = time.perf_counter()
+        self.done = 0
+        self.first: Optional[int] = None  # images already done when this process started (a resume)
 
-        return run(report)
+    def __enter__(self) -> "EvalProgress":
+        if self.console is not None and not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("AutoAttack"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("aa", total=None, info="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def _print(self, text: str) -> None:
+        from rich.markup import escape
+
+        if self.console is not None and self.quiet:
+            self.console.print(escape(text), highlight=False)
+
+    def note(self, text: str) -> None:
+        from rich.markup import escape
+
+        if self.console is not None:
+            self.console.print(f"[yellow]note:[/] {escape(text)}")
+
+    def stage(self, text: str, finished: bool) -> None:
+        """An attack's progress inside a chunk."""
+        if self.bar is not None:
+            self.bar.update(self.task, info=f"{self._rate()} {text}")
+        elif finished:
+            self._print(f"AutoAttack {text}")
+
+    def chunk(self, done: int, total: int, text: str) -> None:
+        """Images finished (this shard's) out of `total`."""
+        self.done = done
+        if self.first is None:
+            self.first = done
+        if self.bar is not None:
+            self.bar.update(self.task, total=total, completed=done, info=f"{self._rate()} {text}")
+        else:
+            self._print(f"AutoAttack {done}/{total} images | {text}")
+
+    def _rate(self) -> str:
+        return f"{(self.done - (self.first or 0)) / max(time.perf_counter() - self.tick, 1e-9):.1f} img/s"

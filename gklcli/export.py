@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from gklcli.errors import GKLError
+from gklcli.names import MODEL_ID, check_name
 from gklcli.loading import LoadedModel, load_strict
 from gklcli.checkpoint import atomic_save, atomic_write_text
 
-MODEL_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
 @dataclass(frozen=True)
@@ -232,8 +232,7 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
         raise GKLError(f"--threat-model {threat_model}: gkl exports Linf models")
     if dataset not in ("cifar10", "cifar100"):
         raise GKLError(f"--dataset {dataset}: use cifar10 or cifar100")
-    if not MODEL_ID.match(model_id):
-        raise GKLError(f"--name {model_id}: letters, digits, '_' and '-' only, starting with a letter (e.g. Cui2023Decoupled_WRN-34-10)")
+    check_name(model_id, "--name", MODEL_ID, "a RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10")
     expected_classes = 10 if dataset == "cifar10" else 100
     if loaded.num_classes != expected_classes:
         raise GKLError(f"--dataset {dataset}: the model has {loaded.num_classes} classes, {dataset} has {expected_classes}")
@@ -252,7 +251,7 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
     load_strict(rb_model, state, f"RobustBench {spec.display}")
     file = out / "models" / dataset / threat_model / f"{model_id}.pt"
     atomic_save(state, file)
-    from gklcli.loading import sha256_file
+    from gklcli.checkpoint import sha256_file
 
     report: dict[str, Any] = {"checkpoint": str(file), "sha256": sha256_file(file)}
     source = loaded.module.to(device).eval()

@@ -8,7 +8,6 @@ key). Loading is always ``strict=True``: a key mismatch is an error naming the f
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from gklcli.errors import GKLError
 from gklcli.models import create_model, get_spec
-from gklcli.checkpoint import FORMAT, load_file
+from gklcli.checkpoint import FORMAT, load_file, sha256_file
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _HEADS = ("fc.weight", "logits.weight", "linear.weight", "classifier.weight", "classifier.1.weight", "head.weight")
@@ -37,14 +36,6 @@ class LoadedModel:
     dataset: Optional[str] = None
     input_norm: Optional[dict[str, list[float]]] = None
     meta: dict[str, Any] = field(default_factory=dict)  # the gkl checkpoint's metadata (recipe, …)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -104,6 +95,10 @@ def load_model_file(
     obj = load_file(path)
     digest = sha256_file(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        missing = [k for k in ("arch", "num_classes", "model") if k not in obj]
+        if missing or not _is_state_dict(obj.get("model")):
+            raise GKLError(f"{path}: a damaged gkl checkpoint (missing or bad {', '.join(missing) or 'model'}); "
+                           "re-save it from its run, or pass the weights as a plain state dict with --arch")
         name = arch or obj["arch"]
         if arch is not None and get_spec(arch).name != obj["arch"]:
             raise GKLError(f"{path}: --arch {arch} contradicts the checkpoint's architecture {obj['arch']}")

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 
-from gklcli.errors import GKLError
+from gklcli.errors import GKLError, show
+from gklcli.names import MAX_NAME, RULES, RUN_NAME
 
 EPS_8 = 8 / 255
 EPS_2 = 2 / 255
@@ -309,15 +309,6 @@ Sources = dict[str, str]
 # and is refused before anything walks it (merging, validation, an error message's repr).
 MAX_RECIPE_VALUES = 100_000
 MAX_RECIPE_DEPTH = 64
-_REPR = reprlib.Repr()  # (keyword arguments need Python 3.12)
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 80, 80
-
-
-def _show(value: Any) -> str:
-    """A value as quoted in an error message: repr, bounded in size whatever the value."""
-    return _REPR.repr(value)
-
-
 def check_size(data: Any, origin: str) -> None:
     """Refuse YAML that expands to more than MAX_RECIPE_VALUES values or nests deeper than
     MAX_RECIPE_DEPTH (YAML aliases share nodes, so the expansion is counted, not built)."""
@@ -395,7 +386,7 @@ def _load_tree(path: Path, sources: Sources, chain: tuple[Path, ...]) -> dict[st
     elif isinstance(parents, str):
         parents = [parents]
     elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
-        raise GKLError(f"{path}: extends: must be a path or a list of paths, got {_show(parents)}")
+        raise GKLError(f"{path}: extends: must be a path or a list of paths, got {show(parents)}")
     merged: dict[str, Any] = {}
     for parent in parents:
         merged = _deep_merge(merged, _load_tree(path.parent / parent, sources, (*chain, path)))
@@ -476,23 +467,31 @@ def _fail(key: str, sources: Sources, message: str) -> GKLError:
     return GKLError(f"{_where(key, sources)}: {key}: {message}")
 
 
-def _to_float(value: Any, key: str, sources: Sources) -> float:
+def parse_number(value: Any) -> Optional[float]:
+    """A number, or a fraction written as the paper does ("8/255"); None when `value` is neither."""
     if isinstance(value, bool):
-        raise _fail(key, sources, f"expected a number, got {_show(value)}")
+        return None
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
         match = _FRACTION.match(value)
         if match:
             num, den = (float(g) for g in match.groups())
-            if den == 0:
-                raise _fail(key, sources, f"division by zero in {_show(value)}")
-            return num / den
+            return num / den if den != 0 else None
         try:
             return float(value)
         except ValueError:
-            pass
-    raise _fail(key, sources, f"expected a number (such as 0.5 or 8/255), got {_show(value)}")
+            return None
+    return None
+
+
+def _to_float(value: Any, key: str, sources: Sources) -> float:
+    number = parse_number(value)
+    if number is None:
+        zero = isinstance(value, str) and bool(_FRACTION.match(value))
+        raise _fail(key, sources, f"division by zero in {show(value)}" if zero else
+                    f"expected a number (such as 0.5 or 8/255), got {show(value)}")
+    return number
 
 
 def _convert(value: Any, tp: Any, key: str, sources: Sources) -> Any:
@@ -506,34 +505,34 @@ def _convert(value: Any, tp: Any, key: str, sources: Sources) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise _fail(key, sources, f"must be one of {choices}, got {_show(value)}")
+            raise _fail(key, sources, f"must be one of {choices}, got {show(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise _fail(key, sources, f"expected a list, got {_show(value)}")
+            raise _fail(key, sources, f"expected a list, got {show(value)}")
         return [_convert(v, args[0], f"{key}[{i}]", sources) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise _fail(key, sources, f"expected a mapping of settings, got {_show(value)}")
+            raise _fail(key, sources, f"expected a mapping of settings, got {show(value)}")
         return _build(tp, value, sources, key + ".")
     if tp is bool:
         if not isinstance(value, bool):
-            raise _fail(key, sources, f"expected true or false, got {_show(value)}")
+            raise _fail(key, sources, f"expected true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, sources, f"expected an integer, got {_show(value)}")
+            raise _fail(key, sources, f"expected an integer, got {show(value)}")
         if not -(2**63) <= value < 2**63:
-            raise _fail(key, sources, f"must fit in 64 bits, got {_show(value)}")
+            raise _fail(key, sources, f"must fit in 64 bits, got {show(value)}")
         return value
     if tp is float:
         number = _to_float(value, key, sources)
         if not math.isfinite(number):
-            raise _fail(key, sources, f"must be a finite number, got {_show(value)}")
+            raise _fail(key, sources, f"must be a finite number, got {show(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise _fail(key, sources, f"expected a string, got {_show(value)}")
+            raise _fail(key, sources, f"expected a string, got {show(value)}")
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {key}")  # a bug in the schema, not user input
 
@@ -543,9 +542,9 @@ def _check_range(value: Any, f: dataclasses.Field, key: str, sources: Sources) -
         return
     lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
     if lo is not None and (value <= lo if lo_open else value < lo):
-        raise _fail(key, sources, f"must be {'>' if lo_open else '>='} {lo}, got {_show(value)}")
+        raise _fail(key, sources, f"must be {'>' if lo_open else '>='} {lo}, got {show(value)}")
     if hi is not None and value > hi:
-        raise _fail(key, sources, f"must be <= {hi}, got {_show(value)}")
+        raise _fail(key, sources, f"must be <= {hi}, got {show(value)}")
 
 
 def _build(cls: type, data: dict[str, Any], sources: Sources, prefix: str = "") -> Any:
@@ -613,5 +612,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe = _build(Recipe, tree, sources)
     if recipe.meta.name is None:
         recipe.meta.name = Path(path).stem
+        sources.setdefault("meta.name", f"{path} (its file name)")
+    if not RUN_NAME.fullmatch(recipe.meta.name):
+        raise _fail("meta.name", sources, f"{show(recipe.meta.name)} must be {RULES[RUN_NAME]}, at most {MAX_NAME} "
+                    "characters (it names the folder runs/<name>)")
     _check_consistency(recipe, sources)
     return recipe

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from gklcli.errors import GKLError
 from gklcli.recipes import Recipe, load_recipe, resolve_recipe_path
 from gklcli.tables import Row, RunSpec, Table, is_best_metric, metric_parts, select_rows
-from gklcli.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_write_text, read_json, read_jsonl
 
 # settings that cannot change a run's numbers: where files are, how often to log, worker counts
 _NOT_IN_KEY = {("meta",), ("output",), ("data", "root"), ("data", "download"), ("data", "num_workers"),
@@ -294,7 +294,7 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 def _sha256(path: Path) -> str:
     """sha256 of a checkpoint, computed once per file version (reports look it up for every cell)."""
-    from gklcli.loading import sha256_file
+    from gklcli.checkpoint import sha256_file
 
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -309,7 +309,7 @@ def find_eval(job: Job, checkpoint: str, settings: dict[str, Any]) -> Optional[P
     candidates = sorted((job.dir / "eval").glob(f"{checkpoint}-*/results.json")) if (job.dir / "eval").is_dir() else []
     digest = None
     for results in candidates:
-        man = json.loads((results.parent / "manifest.json").read_text())
+        man = read_json(results.parent / "manifest.json")
         if not _covers(man, settings):
             continue
         digest = digest or _sha256(ckpt)
@@ -534,7 +534,7 @@ def _smoke_inputs(plan: Plan, root: Path, device: Optional[str], console: Any) -
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _train_metric(job: Job, metric: str, checkpoint: str) -> Optional[float]:
@@ -542,7 +542,7 @@ def _train_metric(job: Job, metric: str, checkpoint: str) -> Optional[float]:
         log = job.dir / "metrics.jsonl"
         if not (job.dir / "results.json").is_file() or not log.is_file():
             return None
-        values = [json.loads(line).get("s_iter") for line in log.read_text().splitlines() if line.strip()]
+        values = [record.get("s_iter") for record in read_jsonl(log)]
         values = [v for v in values if isinstance(v, (int, float))]
         return statistics.fmean(values) if values else None
     results = _read_json(job.dir / "results.json") or {}
@@ -564,7 +564,7 @@ def _eval_metric(job: Job, metric: str, plan: Plan, worst_of: tuple[str, ...]) -
     found = find_eval(job, plan.checkpoint, eval_settings(job, plan.smoke))
     if found is None:
         return None
-    r = json.loads((found / "results.json").read_text())
+    r = read_json(found / "results.json")
     if metric == "clean":
         return r["clean_acc"]
     if metric == "aa":

@@ -128,4 +128,4 @@ def test_export_refuses_foreign_normalisation_and_bad_names(tmp_path, capsys):
     code, _, err = run_cli(capsys, "export-robustbench", tmp_path / "g.pt", "--name", "X2026Y", "--dataset", "cifar10", "--out", tmp_path / "rb")
     assert code == 2 and "normalisation" in err
     code, _, err = run_cli(capsys, "export-robustbench", tmp_path / "g.pt", "--name", "bad name", "--dataset", "cifar10", "--out", tmp_path / "rb")
-    assert code == 2 and "--name bad name" in err
+    assert code == 2 and "--name 'bad name': must be a letter" in err

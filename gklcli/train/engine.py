@@ -159,6 +159,25 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+TRAIN_STATE_KEYS = ("raw_model", "optimizer", "averager", "step", "rng", "epoch", "batch", "global_step", "meters", "best",
+                    "finished", "world_size")
+
+
+def read_training_checkpoint(path: Path) -> dict[str, Any]:
+    """last.pt, checked to hold everything a resume reads, so a damaged or foreign file is one line."""
+    saved = ckpt.load_file(path)
+    if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT:
+        found = f"a {type(saved).__name__}" if not isinstance(saved, dict) else "a dict without gkl's format mark"
+        raise GKLError(f"{path}: not a gkl training checkpoint ({found}); use a new --out, or --overwrite to start over")
+    state = saved.get("train_state")
+    missing = [k for k in ("recipe", "train_state") if not isinstance(saved.get(k), dict)]
+    missing += [f"train_state.{k}" for k in TRAIN_STATE_KEYS if isinstance(state, dict) and k not in state]
+    if missing:
+        raise GKLError(f"{path}: a damaged gkl checkpoint (missing {', '.join(missing[:4])}); it cannot be resumed: "
+                       "use a new --out, or --overwrite to start over")
+    return saved
+
+
 def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ, ignoring settings that are safe to change on resume."""
     a, b = _flatten(saved), _flatten(current)
@@ -335,9 +354,7 @@ class Engine:
         ckpt.atomic_save(self._meta() | {"weights": weights, "model": state, "epoch": epoch, "metrics": metrics}, self.out_dir / "best.pt")
 
     def _load(self, path: Path) -> None:
-        saved = ckpt.load_file(path)
-        if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT or "train_state" not in saved:
-            raise GKLError(f"{path}: not a gkl training checkpoint")
+        saved = read_training_checkpoint(path)
         diffs = recipe_differences(saved["recipe"], self.recipe.to_dict())
         if diffs:
             shown = ", ".join(f"{k} ({_flatten(saved['recipe']).get(k)!r} → {_flatten(self.recipe.to_dict()).get(k)!r})" for k in diffs[:3])
@@ -379,7 +396,7 @@ class Engine:
                 for name in present:
                     (self.out_dir / name).unlink(missing_ok=True)
         elif last.is_file():
-            state = ckpt.load_file(last).get("train_state", {})
+            state = read_training_checkpoint(last)["train_state"]
             what = "a finished run" if state.get("finished") else f"an unfinished run (epoch {state.get('epoch')})"
             raise GKLError(f"{self.out_dir}: holds {what}; pass --resume to continue it or --overwrite to start over")
         elif present:
@@ -422,12 +439,16 @@ class Engine:
                     self.console.print(f"[yellow]note:[/] {lock.note}")
             if broadcast_flag(refused is not None, self.env.device):  # every rank stops, none waits at a barrier
                 raise refused or GKLError(f"{self.out_dir}: rank 0 could not lock the output folder")
-            if self._prepare_output():
+            resume = self._prepare_output()
+            if self.main:  # what a killed writer of this folder left (the lock says none is running)
+                removed = ckpt.remove_stale_temps(self.out_dir, RUN_FILES)
+                if removed:
+                    self.console.print(f"[yellow]note:[/] removed {len(removed)} temporary file(s) a killed run left: "
+                                       f"{', '.join(removed[:3])}{' …' if len(removed) > 3 else ''}")
+            if resume:
                 self._load(self.out_dir / "last.pt")
                 if self.finished:
-                    if self.main:
-                        self.console.print(f"{self.out_dir}: this run already finished; nothing to do")
-                    return json.loads((self.out_dir / "results.json").read_text())
+                    return self._finished_results()
             self._write_recipe()
             handlers = _install_signal_handlers(self._request_stop)
             try:
@@ -438,6 +459,21 @@ class Engine:
             self.log.close()
             if lock is not None:
                 lock.release()
+
+    def _finished_results(self) -> dict[str, Any]:
+        """The finished run's results.json; rebuilt from last.pt and best.pt when missing or damaged.
+
+        The rebuild evaluates the saved weights with the run's own seeds, so it writes the numbers
+        the run wrote."""
+        try:
+            results = ckpt.read_json(self.out_dir / "results.json")
+            if self.main:
+                self.console.print(f"{self.out_dir}: this run already finished; nothing to do")
+            return results
+        except GKLError as error:
+            if self.main:
+                self.console.print(f"[yellow]note:[/] {error}; rebuilding it from last.pt and best.pt")
+            return self._finish()
 
     def _loop(self, interrupt_after_steps: Optional[int]) -> dict[str, Any]:
         r = self.recipe
@@ -615,6 +651,7 @@ class Engine:
             best = ckpt.load_file(best_path)
             best_state = _to_device(best["model"], self.env.device)
             results["best"] = {"epoch": self.best["epoch"]} | best["metrics"]
+            results["best_sha256"] = ckpt.sha256_file(best_path)  # ties these numbers to that file
         if r.eval.final_test and self.data.test is not None:
             results["last"].update(self._evaluate(self.data.test, r.eval.n_test, "test", deploy))
             if best_state is not None:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gklcli.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_save_figure, atomic_write_text, read_jsonl
 
 
 class MetricsLog:
@@ -33,8 +33,7 @@ class MetricsLog:
     def load(self, up_to_epoch: int) -> None:
         """Read earlier records (resume), keeping epochs ≤ `up_to_epoch`."""
         if self.jsonl.is_file():
-            lines = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-            self.records = [r for r in lines if r.get("epoch", 0) <= up_to_epoch]
+            self.records = [r for r in read_jsonl(self.jsonl) if r.get("epoch", 0) <= up_to_epoch]
         if self.enabled:
             self._rewrite()
 
@@ -105,10 +104,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 class EpochProgress:
