@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from _report import report
 
-from gklcli.attacks import attack_plan
+from gklcli.attacks import epoch_attack
 from gklcli.losses import ClassPrior, gkl_loss
 from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.train.at import AdversarialStep
@@ -86,7 +86,7 @@ class OfficialStep:
         o = r.optim
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         self.prior = ClassPrior(engine.num_classes, r.loss.prior_temperature, self.device)
-        self.plan, self.gamma = attack_plan(r.attack, epoch, r.schedule.epochs), r.awp.gamma
+        self.plan, self.gamma = epoch_attack(r.attack, epoch, r.schedule.epochs), r.awp.gamma
         self.awp_on = r.awp.enabled and epoch >= r.awp.warmup_epochs
 
     def _loss(self, model: torch.nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> Any:

@@ -42,11 +42,11 @@ def eval_batches(loaded: Any, *, dataset: Optional[str], data_dir: Optional[str]
     on), or `dataset` (cifar10, cifar100, npz:PATH) for checkpoints without a recipe."""
     recipe = (loaded.meta or {}).get("recipe")
     if dataset is None and recipe is not None and recipe["data"]["dataset"] in ("imagenet", "imagenet-lt"):
-        from gklcli.data import build_data, make_eval_loader
-        from gklcli.recipes import DataCfg, _build
+        from gklcli.data import load_test_set, make_eval_loader
+        from gklcli.recipes import DataCfg, build_section
 
-        data = build_data(_build(DataCfg, recipe["data"], {}), data_dir, loaded.num_classes)
-        for images, y in make_eval_loader(data.test, n, batch_size, recipe["data"]["num_workers"]):
+        source = load_test_set(build_section(DataCfg, recipe["data"], {}), data_dir, loaded.num_classes)
+        for images, y in make_eval_loader(source, n, batch_size, recipe["data"]["num_workers"]):
             yield images.float().div_(255.0), y
         return
     from gklcli.evaluate import load_eval_data

@@ -19,7 +19,7 @@ AttackLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits_adv, logits_n
 
 
 @dataclass(frozen=True)
-class AttackPlan:
+class EpochAttack:
     """The inner maximisation of one epoch."""
 
     eps: float
@@ -27,7 +27,7 @@ class AttackPlan:
     step_size: float
 
 
-def attack_plan(cfg: Any, epoch: int, epochs: int) -> AttackPlan:
+def epoch_attack(cfg: Any, epoch: int, epochs: int) -> EpochAttack:
     """ε_t, steps and step size for `epoch` (1-based) under an `AttackCfg`.
 
     * ``eps_ramp``: ε_t = ε·epoch/epochs (the official increasing-ε schedule), else ε.
@@ -39,14 +39,14 @@ def attack_plan(cfg: Any, epoch: int, epochs: int) -> AttackPlan:
     """
     eps = cfg.eps * epoch / epochs if cfg.eps_ramp else cfg.eps
     if cfg.schedule == "official":
-        return AttackPlan(eps, 5, eps / 2)
+        return EpochAttack(eps, 5, eps / 2)
     if cfg.schedule == "staged":
         scale = epochs / 200.0
         for bound, steps, frac in ((50, 2, 1.0), (100, 3, 2 / 3), (150, 4, 0.5)):
             if epoch <= int(bound * scale):
-                return AttackPlan(eps, steps, eps * frac)
-        return AttackPlan(eps, 5, eps / 2)
-    return AttackPlan(eps, cfg.steps, cfg.step_size)
+                return EpochAttack(eps, steps, eps * frac)
+        return EpochAttack(eps, 5, eps / 2)
+    return EpochAttack(eps, cfg.steps, cfg.step_size)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ Files are read with ``weights_only=True``: they hold only tensors, numbers, stri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -65,13 +66,22 @@ def atomic_save_figure(fig: Any, path: str | Path, **savefig: Any) -> None:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file atomically (results, resolved recipes)."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file atomically: a temporary file beside it, then a rename (never half a file)."""
     path = Path(path)
     fd, tmp = _temp_file(path)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file atomically (results, resolved recipes)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -184,6 +194,23 @@ def _parse_python_state(text: str) -> tuple:
 
 
 LOCK_NAME = ".gkl.lock"
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock that waits its turn (flock), for short set-up steps that parallel processes
+    share (reproduce's smoke inputs): the first builds, the others then find the result. The kernel
+    releases it when the holder dies, so it is never stale."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _holder(path: Path) -> dict[str, Any]:

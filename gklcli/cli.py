@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -114,15 +114,34 @@ OUT_OPT = typer.Option(None, "--out", help="Output directory (default: output.di
 DATA_OPT = typer.Option(None, "--data-dir", help="Dataset root (default: data.root or ./data).")
 RESUME_OPT = typer.Option(False, "--resume", help="Continue from OUT/last.pt (a finished run is left as is).")
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Start over in an output directory that holds a run.")
-DRY_OPT = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit.")
+DRY_OPT = typer.Option(False, "--dry-run", help="Print the resolved recipe and a preview of the run, then exit.")
 SEEDS_OPT = typer.Option(1, "--seeds", min=1, help="Run N seeds (train.seed, +1, …) into OUT/seed<k> and report mean ± std.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars; one line per epoch (for log files).")
 DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available).")
 
 
+LAUNCHER_OPT = typer.Option("none", "--launcher", help="none (this process), local (submitit jobs on this machine) or slurm.")
+GPUS_OPT = typer.Option(1, "--gpus-per-run", min=1, help="GPUs per training run (a DDP job: Slurm tasks, or torchrun locally).")
+PARTITION_OPT = typer.Option(None, "--partition", help="Slurm partition.")
+TIME_OPT = typer.Option(None, "--time", help="Slurm time limit per job: minutes, HH:MM:SS or D-HH (default 72 h).")
+ACCOUNT_OPT = typer.Option(None, "--account", help="Slurm account.")
+QOS_OPT = typer.Option(None, "--qos", help="Slurm QOS.")
+CONSTRAINT_OPT = typer.Option(None, "--constraint", help="Slurm constraint, e.g. a100.")
+MEM_OPT = typer.Option(None, "--mem", help="Slurm memory per node, e.g. 64G.")
+SLURM_ARG_OPT = typer.Option([], "--slurm-arg", help="Any other sbatch option as key=value (repeatable).")
+
+
+def _launch(launcher: str, gpus: int, partition: Optional[str], time: Optional[str], account: Optional[str], qos: Optional[str],
+            constraint: Optional[str], mem: Optional[str], slurm_args: List[str], **more) -> "LaunchOptions":
+    from gklcli.launch import LaunchOptions, parse_slurm_args
+
+    return LaunchOptions(launcher=launcher, gpus_per_run=gpus, partition=partition, time=time, account=account, qos=qos,
+                         constraint=constraint, mem=mem, slurm_args=parse_slurm_args(slurm_args), **more).check()
+
+
 def _train_command(kind: str, recipe: str, overrides: List[str], output: Optional[str], data_dir: Optional[str], resume: bool,
-                   overwrite: bool, dry_run: bool, seeds: int, quiet: bool, device: Optional[str]) -> None:
-    """The shared body of `gkl train-at` and `gkl distill`: resolve, plan or run (per seed), report."""
+                   overwrite: bool, dry_run: bool, seeds: int, quiet: bool, device: Optional[str], launch: Any = None) -> None:
+    """The shared body of `gkl train-at` and `gkl distill`: resolve, preview or run (per seed), report."""
     from gklcli.recipes import load_recipe, resolve_recipe_path
 
     command = {"at": "train-at", "kd": "distill"}[kind]
@@ -132,15 +151,27 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
     if overwrite:
         resolved.output.overwrite = True
     if dry_run:
-        from gklcli.train.plan import build_plan, print_plan
+        from gklcli.train.preview import run_preview, print_preview
 
         sys.stdout.write(resolved.to_yaml())
-        print_plan(build_plan(resolved), resolved, out)
+        print_preview(run_preview(resolved), resolved, out)
         return
     from gklcli.train.engine import Interrupted
     from gklcli.train.seeds import run_seeds
 
     out_dir = output or resolved.output.dir or _default_out(resolved.meta.name)
+    if launch is not None and launch.active:
+        from pathlib import Path
+
+        from gklcli.launch import launch_run
+
+        if seeds > 1:
+            raise GKLError("--seeds with --launcher: use gkl reproduce TABLE --seeds N --launcher …, which submits each seed")
+        if launch_run(resolved, Path(out_dir), data_dir, resume, launch, out) is None:
+            return
+        results = json.loads((Path(out_dir) / "results.json").read_text())
+        out.print(f"results: {out_dir}/results.json, summary: {out_dir}/summary.md")
+        return
     try:
         results = run_seeds(resolved, seeds, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=out)
     except Interrupted as stop:
@@ -168,10 +199,14 @@ def train_at_cmd(
     recipe: str = typer.Argument(..., help="An AT recipe file or name (e.g. cifar100_basic, quickstart)."),
     overrides: List[str] = RECIPE_OPT, output: Optional[str] = OUT_OPT, data_dir: Optional[str] = DATA_OPT,
     resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT, dry_run: bool = DRY_OPT, seeds: int = SEEDS_OPT,
-    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT,
+    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT, launcher: str = LAUNCHER_OPT, gpus: int = GPUS_OPT,
+    partition: Optional[str] = PARTITION_OPT, time: Optional[str] = TIME_OPT, account: Optional[str] = ACCOUNT_OPT,
+    qos: Optional[str] = QOS_OPT, constraint: Optional[str] = CONSTRAINT_OPT, mem: Optional[str] = MEM_OPT,
+    slurm_args: List[str] = SLURM_ARG_OPT,
 ) -> None:
     """Adversarial training with GKL (or IKL, DKL, TRADES); runs under torchrun for multi-GPU DDP."""
-    _train_command("at", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device)
+    _train_command("at", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device,
+                   _launch(launcher, gpus, partition, time, account, qos, constraint, mem, slurm_args))
 
 
 @app.command("distill")
@@ -180,7 +215,10 @@ def distill_cmd(
     overrides: List[str] = RECIPE_OPT, output: Optional[str] = OUT_OPT, data_dir: Optional[str] = DATA_OPT,
     resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT, dry_run: bool = DRY_OPT, seeds: int = SEEDS_OPT,
     teacher_only: bool = typer.Option(False, "--teacher-only", help="Only report the teacher's accuracy, then exit."),
-    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT,
+    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT, launcher: str = LAUNCHER_OPT, gpus: int = GPUS_OPT,
+    partition: Optional[str] = PARTITION_OPT, time: Optional[str] = TIME_OPT, account: Optional[str] = ACCOUNT_OPT,
+    qos: Optional[str] = QOS_OPT, constraint: Optional[str] = CONSTRAINT_OPT, mem: Optional[str] = MEM_OPT,
+    slurm_args: List[str] = SLURM_ARG_OPT,
 ) -> None:
     """Knowledge distillation with GKL-KD (or IKL-KD, KD, JSD) from a frozen teacher; torchrun for DDP."""
     if teacher_only:
@@ -191,7 +229,8 @@ def distill_cmd(
         report = teacher_report(resolved, data_dir=data_dir, device=device)
         out.print_json(json.dumps(report))
         return
-    _train_command("kd", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device)
+    _train_command("kd", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device,
+                   _launch(launcher, gpus, partition, time, account, qos, constraint, mem, slurm_args))
 
 
 def _parse_list(text: Optional[str], what: str, convert) -> list:
@@ -244,11 +283,16 @@ def eval_aa_cmd(
     no_guards: bool = typer.Option(False, "--no-guards", help="Skip the pre-evaluation guards (recorded in the results)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    launcher: str = LAUNCHER_OPT,
+    aa_shards: int = typer.Option(1, "--aa-shards", min=1, help="With --launcher: K shard jobs (a Slurm array) and a merge job."),
+    partition: Optional[str] = PARTITION_OPT, time: Optional[str] = TIME_OPT, account: Optional[str] = ACCOUNT_OPT,
+    qos: Optional[str] = QOS_OPT, constraint: Optional[str] = CONSTRAINT_OPT, mem: Optional[str] = MEM_OPT,
+    slurm_args: List[str] = SLURM_ARG_OPT,
 ) -> None:
     """AutoAttack (pyautoattack) robustness with guards, resumable chunks and shards; also PGD/CW and ε sweeps."""
     from pathlib import Path
 
-    from gklcli.evaluate import AA_ATTACKS, run_cli_evaluation
+    from gklcli.evaluate import EvalConfig, ModelRef, evaluate_checkpoint
 
     if merge_dirs:
         from gklcli.evaluate import write_results
@@ -256,26 +300,25 @@ def eval_aa_cmd(
         target = Path(out_dir or merge_dirs[0])
         results = write_results(target, [Path(d) for d in merge_dirs], {"merged_from": merge_dirs})
     else:
-        if norm not in ("Linf", "L2"):
-            raise GKLError(f"--norm {norm}: use Linf or L2")
-        if version not in ("standard", "plus", "rand", "custom"):
-            raise GKLError(f"--version {version}: use standard, plus, rand or custom")
-        attack_list = _parse_list(attacks, "--attacks", str)
-        if (version == "custom") != bool(attack_list):
-            raise GKLError("--attacks goes with --version custom (and custom needs --attacks)")
-        unknown = [a for a in attack_list if a not in AA_ATTACKS]
-        if unknown:
-            raise GKLError(f"--attacks {show(attacks)}: unknown attack {show(unknown[0])}; use {', '.join(AA_ATTACKS)}")
-        if (ckpt is None) == (robustbench_model is None):
-            raise GKLError("give a checkpoint file or --robustbench-model NAME (one of them)")
-        results = run_cli_evaluation(
-            ckpt=ckpt, arch=arch, num_classes=num_classes, dataset=dataset, data_dir=data_dir, n_ex=n_ex,
-            batch_size=batch_size, eps=_eps(eps), norm=norm, version=version, attacks=attack_list or None, seed=seed,
-            chunk_size=chunk_size, shard=shard, out_dir=out_dir, resume=resume, overwrite=overwrite,
-            eps_list=_parse_list(eps_list, "--eps-list", lambda t: _eps(t, "--eps-list")), pgd=_parse_list(pgd, "--pgd", int),
-            cw=_parse_list(cw, "--cw", int), individual=individual, robustbench_model=robustbench_model,
-            model_dir=model_dir, zoo_dataset=zoo_dataset, guards=not no_guards, device=device, console=err, quiet=quiet,
-        )
+        cfg = EvalConfig(dataset=dataset, n_ex=n_ex, batch_size=batch_size, eps=_eps(eps), norm=norm, version=version,
+                         attacks=_parse_list(attacks, "--attacks", str) or None, seed=seed, chunk_size=chunk_size,
+                         eps_list=_parse_list(eps_list, "--eps-list", lambda t: _eps(t, "--eps-list")),
+                         pgd=_parse_list(pgd, "--pgd", int), cw=_parse_list(cw, "--cw", int), individual=individual,
+                         guards=not no_guards, data_dir=data_dir)
+        model = ModelRef(path=ckpt, arch=arch, num_classes=num_classes, robustbench=robustbench_model, model_dir=model_dir,
+                         zoo_dataset=zoo_dataset)
+        launch = _launch(launcher, 1, partition, time, account, qos, constraint, mem, slurm_args, aa_shards=aa_shards)
+        if launch.active:
+            from gklcli.launch import launch_eval
+
+            if out_dir is None or shard or overwrite:
+                raise GKLError("--launcher: give --out (the jobs write there); --aa-shards replaces --shard, and --overwrite is not for jobs")
+            results = launch_eval(model, cfg.check(), Path(out_dir), launch, err)
+            if results is None:
+                return
+        else:
+            results = evaluate_checkpoint(model, cfg, out_dir, shard=shard, resume=resume, overwrite=overwrite, device=device,
+                                          console=err, quiet=quiet)
         if results is None:
             out.print("this shard is done; combine the shards with: gkl eval-aa --merge DIR [--merge DIR ...] --out DIR")
             return
@@ -310,34 +353,16 @@ def export_robustbench_cmd(
     """Write a RobustBench checkpoint, model_info JSON, zoo entry and SUBMISSION.md, verified against RobustBench."""
     from pathlib import Path
 
-    from gklcli.checkpoint import read_json
     from gklcli.distributed import pick_device
-    from gklcli.evaluate import load_eval_data
-    from gklcli.export import export
+    from gklcli.export import MODEL_ID_RULE, export, read_results
     from gklcli.loading import load_model_file
     from gklcli.names import MODEL_ID, check_name
 
-    check_name(name, "--name", MODEL_ID, "a RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10")
+    check_name(name, "--name", MODEL_ID, MODEL_ID_RULE)
     dev = pick_device(device)
     loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
-    results = None
-    if results_file:
-        results = read_json(results_file, "--results")
-        missing = [k for k in ("n_ex", "dataset", "clean_acc", "robust_acc", "version", "norm", "seed", "batch_size", "versions") if k not in results] if isinstance(results, dict) else ["all"]
-        if missing:
-            raise GKLError(f"--results {results_file}: not a gkl eval-aa results.json (missing {', '.join(missing)})")
-    data = None
-    if results is not None and n_ex is not None and n_ex > results["n_ex"]:
-        raise GKLError(f"--n-ex {n_ex}: the results cover only {results['n_ex']} images")
-    if results is not None:
-        try:
-            x, y, _ = load_eval_data(results.get("dataset"), loaded, data_dir, n_ex or results["n_ex"])
-            data = (x, y)
-            if str(results.get("dataset")).startswith("npz:"):
-                err.print(f"[yellow]note:[/yellow] the results were computed on {escape(results['dataset'])}; "
-                          f"it must be the {dataset} test set in canonical order")
-        except GKLError as error:
-            err.print(f"[yellow]note:[/yellow] clean accuracy not recomputed: {escape(str(error))}")
+    results, data = read_results(results_file, loaded, dataset, data_dir, n_ex, note=lambda text: err.print(
+        f"[yellow]note:[/yellow] {escape(text)}")) if results_file else (None, None)
     meta = {"paper_name": paper_name, "paper_link": paper_link, "authors": authors, "venue": venue,
             "additional_data": additional_data, "footnote": footnote, "reported": reported}
     report = export(loaded, model_id=name, dataset=dataset, threat_model=threat_model, out=Path(out_dir), results=results,
@@ -364,6 +389,15 @@ def reproduce_cmd(
     report_only: bool = typer.Option(False, "--report-only", help="Rebuild OUT/TABLE.md/.json from finished runs; train nothing."),
     checkpoint: str = typer.Option("last", "--checkpoint", help="last (final weights, the paper's protocol) or best (on validation)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this process takes every n-th job (one process per GPU)."),
+    launcher: str = LAUNCHER_OPT, gpus: int = GPUS_OPT,
+    max_parallel: int = typer.Option(2, "--max-parallel", min=1, help="--launcher local: jobs running at once."),
+    aa_shards: int = typer.Option(1, "--aa-shards", min=1, help="Split each AutoAttack evaluation into K jobs (a Slurm array) + a merge."),
+    partition: Optional[str] = PARTITION_OPT, time: Optional[str] = TIME_OPT, account: Optional[str] = ACCOUNT_OPT,
+    qos: Optional[str] = QOS_OPT, constraint: Optional[str] = CONSTRAINT_OPT, mem: Optional[str] = MEM_OPT,
+    slurm_args: List[str] = SLURM_ARG_OPT,
+    status: bool = typer.Option(False, "--status", help="Print every run and evaluation with its state (OUT/jobs.json), then exit."),
+    fetch: bool = typer.Option(False, "--fetch", help="First download what the runs need and --data-dir lacks (generated data, teachers)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="With --fetch: replace every source's origin by this URL (env GKL_MIRROR)."),
     quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Reproduce a table of the paper: runs (content-addressed, reused), evaluations, and a markdown report."""
@@ -378,6 +412,14 @@ def reproduce_cmd(
     if table is None:
         raise GKLError("give a table (e.g. gkl reproduce table3) or --list")
     shard_spec = parse_shard(shard)
+    launch = _launch(launcher, gpus, partition, time, account, qos, constraint, mem, slurm_args, max_parallel=max_parallel,
+                     aa_shards=aa_shards)
+    if status:
+        from gklcli.reproduce.submit import print_status
+
+        print_status(rp.plan_for(table, rows=rows, seeds=seeds, out=Path(output), smoke=smoke, checkpoint=checkpoint,
+                                 data_dir=data_dir), out)
+        return
     if dry_run:
         plan = rp.plan_for(table, rows=rows, seeds=seeds, out=Path(output), smoke=smoke, checkpoint=checkpoint, data_dir=data_dir)
         rp.print_dry_run(plan, out)
@@ -387,10 +429,75 @@ def reproduce_cmd(
     try:
         rp.reproduce(table, rows=rows, seeds=seeds, out=Path(output), data_dir=data_dir, smoke=smoke, resume=resume,
                      report_only=report_only, checkpoint=checkpoint, shard=shard_spec, device=device, quiet=quiet,
-                     console=out)
+                     console=out, fetch=fetch, mirror=mirror, launch=launch)
     except Interrupted as stop:
         err.print(f"[yellow]interrupted:[/yellow] {escape(str(stop))}; rerun with --resume to continue")
         raise typer.Exit(3)
+
+
+FETCH_WHAT = "cifar10, cifar100, generated NAME, teachers cifar100|imagenet|imagenet-lt, robustbench NAME, imagenet, imagenet-lt"
+
+
+@app.command("fetch")
+def fetch_cmd(
+    what: str = typer.Argument(..., help=f"What to fetch: {FETCH_WHAT}."),
+    name: Optional[str] = typer.Argument(None, help="The set (generated), the teachers' dataset (teachers) or the model (robustbench)."),
+    data_dir: str = typer.Option("data", "--data-dir", help="Dataset root, where the recipes read (default ./data)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Replace every source's origin (scheme://host) by this URL (env GKL_MIRROR)."),
+    model_dir: str = typer.Option("models", "--model-dir", help="RobustBench models directory (robustbench NAME)."),
+    dataset: str = typer.Option("cifar10", "--dataset", help="The zoo of robustbench NAME: cifar10, cifar100 or imagenet."),
+    threat_model: str = typer.Option("Linf", "--threat-model", help="The threat model of robustbench NAME: Linf, L2, corruptions."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Download a dataset, DM-AT generated set, teachers or a RobustBench model to where gkl reads it (resumable, verified)."""
+    from pathlib import Path
+
+    from gklcli import fetch as fx
+
+    f = fx.Fetcher(Path(data_dir), mirror, None if quiet else err)
+    if what in fx.CIFAR:
+        files = [fx.fetch_cifar(what, f)]
+    elif what in fx.LICENSED:  # nothing to download: say what to get, and exit 2 (nothing was fetched)
+        out.print(fx.LICENSED[what])
+        raise typer.Exit(2)
+    elif name is None and what in ("generated", "teachers", "robustbench"):
+        raise GKLError(f"gkl fetch {what} needs a NAME, e.g. gkl fetch {what} "
+                       + {"generated": "cifar10_1m", "teachers": "cifar100", "robustbench": "Cui2023Decoupled_WRN-34-10"}[what])
+    elif what == "generated":
+        files = [fx.fetch_generated(name, f)]
+    elif what == "teachers":
+        files = fx.fetch_teachers(name, f)
+    elif what == "robustbench":
+        files = [fx.fetch_robustbench(name, Path(model_dir), dataset, threat_model)]
+    else:
+        raise GKLError(f"gkl fetch {what}: use one of {FETCH_WHAT}")
+    if what != "robustbench":
+        fx.write_manifest(f, what if name is None else f"{what} {name}", files)
+    for file in files:
+        out.print(f"ready: {file}")
+
+
+data_app = typer.Typer(help="Check dataset folders that cannot be downloaded (ImageNet, ImageNet-LT).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check_cmd(
+    dataset: str = typer.Argument(..., help="imagenet or imagenet-lt."),
+    data_dir: str = typer.Option("data", "--data-dir", help="Dataset root (default ./data)."),
+) -> None:
+    """Verify an ImageNet / ImageNet-LT folder: layout, class count, image counts, list files."""
+    from pathlib import Path
+
+    from gklcli.fetch import check_imagenet
+
+    table = Table(title=f"{dataset} in {data_dir}", header_style="bold")
+    for column in ("split", "images", "expected"):
+        table.add_column(column)
+    for split, found, expected in check_imagenet(dataset, Path(data_dir)):
+        table.add_row(split, f"{found:,}", f"{expected:,}")
+    out.print(table)
+    out.print(f"{dataset}: complete")
 
 
 analyze_app = typer.Typer(help="The paper's figures from checkpoints: class margins, class scores, t-SNE.", no_args_is_help=True)

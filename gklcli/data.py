@@ -1,4 +1,4 @@
-"""Datasets, augmentation and resumable batch order for training and evaluation.
+"""Datasets and augmentation for training and evaluation (the batch order is `gklcli.sampling`).
 
 Design choices, and why:
 
@@ -21,17 +21,17 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from gklcli.datasets import DATASETS, facts
 from gklcli.errors import GKLError
+from gklcli.sampling import EpochBatchSampler, sample_seed
 
-CIFAR_SIZES = {"cifar10": (50000, 10000, 10), "cifar100": (50000, 10000, 100)}
-DIGITS_SIZES = (1397, 400, 10)  # scikit-learn's digits: (train, test, classes) of gkl's fixed split
-KNOWN_TRAIN_SIZES = {"imagenet": 1281167, "imagenet-lt": 115846}  # for plans, without reading the data
+CIFAR = ("cifar10", "cifar100")  # loaded through torchvision
 _SPLIT_SEED = 0  # the validation split is the same for every run and seed (never the test set)
 
 
@@ -211,7 +211,8 @@ def load_npz(path: str | Path, num_classes: Optional[int] = None, *, max_in_memo
     return ArraySource(images, labels, str(path))
 
 
-def _torchvision_cifar(name: str, root: Path, train: bool, download: bool) -> ArraySource:
+def torchvision_cifar(name: str, root: Path, train: bool, download: bool) -> ArraySource:
+    """CIFAR-10/100's training or test split through torchvision (downloaded when missing and allowed)."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -287,7 +288,7 @@ def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~test), np.flatnonzero(test)
 
 
-def load_digits(split: str, image_size: int = 16) -> ArraySource:
+def load_digits(split: str, image_size: int = DATASETS["digits"].image_size) -> ArraySource:
     """scikit-learn's handwritten digits (1,797 8×8 grey images, values 0..16, 10 classes) as a
     uint8 N×S×S×3 `ArraySource`: scaled to 0..255, upsampled bilinearly to `image_size`, replicated
     to three channels.
@@ -347,39 +348,61 @@ def split_validation(source: ArraySource, val_size: int) -> tuple[ArraySource, O
     return source.subset(train_idx, f"{source.name} (train split)"), source.subset(val_idx, f"{source.name} (validation split)")
 
 
+def load_test_set(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[int] = None) -> Optional[Any]:
+    """The test split of a `DataCfg` (an `ArraySource` or `FileSource`; None for npz without
+    data.test_path): the one way gkl reads test images, for training (`build_data`), `gkl eval-aa`,
+    `gkl analyze` and teacher reports. `num_classes` bounds the labels of an npz test file."""
+    root = Path(data_dir or cfg.root or "data")
+    name = cfg.dataset
+    if name in CIFAR:
+        return torchvision_cifar(name, root, False, cfg.download)
+    if name == "synthetic":
+        syn = cfg.synthetic
+        return make_synthetic(syn.num_test, syn.num_classes, syn.image_size, syn.seed, "test")
+    if name == "digits":
+        return load_digits("test", cfg.digits.image_size)
+    if name == "npz":
+        return load_npz(cfg.test_path, num_classes) if cfg.test_path else None
+    if name == "imagenet":
+        return image_folder(root / "val", cfg.image_size, "imagenet val")
+    if name == "imagenet-lt":
+        return image_list(root, cfg.lt_test_list, cfg.image_size, "imagenet-lt test")
+    raise _not_available(name)
+
+
+def _not_available(name: str) -> GKLError:
+    return GKLError(f"data.dataset: {name!r} is not available for this command (use cifar10, cifar100, npz, synthetic or digits)")
+
+
 def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[int] = None) -> DataBundle:
     """Load the recipe's dataset (`cfg` is a `DataCfg`), split validation, attach generated data."""
     root = Path(data_dir or cfg.root or "data")
     name = cfg.dataset
-    if name in CIFAR_SIZES:
-        classes = CIFAR_SIZES[name][2]
-        train = _torchvision_cifar(name, root, True, cfg.download)
-        test = _torchvision_cifar(name, root, False, cfg.download)
+    if name in CIFAR:
+        classes = facts(name).classes
+        train = torchvision_cifar(name, root, True, cfg.download)
     elif name == "synthetic":
         syn = cfg.synthetic
         classes = syn.num_classes
         train = make_synthetic(syn.num_train, classes, syn.image_size, syn.seed, "train", syn.imbalance)
-        test = make_synthetic(syn.num_test, classes, syn.image_size, syn.seed, "test")
     elif name == "digits":
-        classes = 10
+        classes = facts(name).classes
         train = load_digits("train", cfg.digits.image_size)
-        test = load_digits("test", cfg.digits.image_size)
     elif name == "npz":
         train = load_npz(cfg.path, num_classes)
         classes = num_classes or int(train.labels.max()) + 1
-        test = load_npz(cfg.test_path, classes) if cfg.test_path else None
     elif name == "imagenet":
         train = image_folder(root / "train", cfg.image_size, "imagenet train")
-        test = image_folder(root / "val", cfg.image_size, "imagenet val")
         classes = int(train.labels.max()) + 1
     elif name == "imagenet-lt":
         train = image_list(root, cfg.lt_train_list, cfg.image_size, "imagenet-lt train")
-        classes = num_classes or 1000
-        test = image_list(root, cfg.lt_test_list, cfg.image_size, "imagenet-lt test")
+        classes = num_classes or facts(name).classes
+        test = load_test_set(cfg, data_dir, classes)
         val = image_list(root, cfg.lt_val_list, cfg.image_size, "imagenet-lt val")
         return DataBundle(train, val, test, None, classes, name)
     else:
-        raise GKLError(f"data.dataset: {name!r} is not available for this command (use cifar10, cifar100, npz, synthetic or digits)")
+        raise _not_available(name)
+    test = load_test_set(cfg, data_dir, classes)
     if num_classes is not None and num_classes != classes:
         raise GKLError(f"model.num_classes: {num_classes} does not match dataset {name} ({classes} classes)")
     train, val = split_validation(train, cfg.val_size)
@@ -402,16 +425,12 @@ def long_tailed(cfg: Any) -> bool:
 def train_set_sizes(cfg: Any) -> tuple[int, int]:
     """(training images after the validation split, generated images) without loading pixels; for plans."""
     name = cfg.dataset
-    if name in CIFAR_SIZES:
-        n = CIFAR_SIZES[name][0]
+    if name in DATASETS:
+        n = DATASETS[name].train
     elif name == "synthetic":
         n = cfg.synthetic.num_train
-    elif name == "digits":
-        n = DIGITS_SIZES[0]
     elif name == "npz":
         n = len(load_npz(cfg.path).labels)
-    elif name in KNOWN_TRAIN_SIZES:
-        n = KNOWN_TRAIN_SIZES[name]
     else:
         raise GKLError(f"data.dataset: {name!r} is not available for this command")
     gen = len(load_npz(cfg.generated.path).labels) if cfg.generated.path else 0
@@ -424,15 +443,6 @@ def train_set_sizes(cfg: Any) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------
 # Augmentation: per-sample seeded, on uint8 C×H×W tensors.
 # ---------------------------------------------------------------------------------------------------
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample of one epoch (splitmix-style mixing of the three integers)."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
-    x ^= x >> 31
-    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
-    x ^= x >> 32
-    return x & (2**63 - 1)
 
 
 def crop_flip(img: Tensor, gen: torch.Generator, padding: int = 4) -> Tensor:
@@ -532,123 +542,6 @@ def to_float(images: Tensor, device: torch.device, channels_last: bool = False) 
     """uint8 N×C×H×W → float [0, 1] on `device` (the transfer happens in uint8, 4× less traffic)."""
     x = images.to(device, non_blocking=True).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ---------------------------------------------------------------------------------------------------
-# Batch order: seeded per epoch, sliced per rank, resumable at any batch.
-# ---------------------------------------------------------------------------------------------------
-
-
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """Global batches of ``(epoch, index)`` for one epoch; this rank gets its slice of each.
-
-    Without generated data an epoch is one pass over a seeded permutation of the real images. With
-    generated data (indices ≥ `num_real`), `generated_sampler` picks the rule:
-
-    * ``dmat`` — DM-AT's `SemiSupervisedSampler` (core/data/semisup.py), the paper's protocol for
-      the generated-data rows: an epoch is ``ceil(epoch_images / B)`` batches, where `epoch_images`
-      is the size of the whole base training set (DM-AT's `dataset_size`, counted *before* its
-      1,024-image validation hold-out). Each batch takes ``B − int(B·fraction)`` real images from a
-      permutation (a fresh one when the previous is used up; a short last chunk is topped up with
-      generated images) plus generated images drawn uniformly with replacement, then shuffled
-      (DM-AT's `np.random.shuffle(batch)`), so each DDP rank gets a random mix.
-    * ``real-pass`` — gkl's earlier rule: one pass over the real images per epoch, each batch
-      ``round(fraction·B)`` generated images (3.3× DM-AT's steps at fraction 0.7).
-
-    Every choice is seeded by (seed, epoch, batch), so `set_epoch(epoch, start)` resumes exactly at
-    batch `start` of the epoch.
-    """
-
-    def __init__(
-        self,
-        num_real: int,
-        batch_size: int,
-        *,
-        seed: int,
-        num_generated: int = 0,
-        generated_fraction: float = 0.0,
-        generated_sampler: str = "dmat",
-        epoch_images: Optional[int] = None,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if batch_size % world_size:
-            raise GKLError(f"data.batch_size: {batch_size} is not divisible by the {world_size} DDP processes")
-        self.num_real, self.batch_size, self.seed = num_real, batch_size, seed
-        self.num_generated = num_generated
-        self.dmat = bool(num_generated) and generated_sampler == "dmat"
-        if not num_generated:
-            self.n_gen = 0
-        elif self.dmat:
-            self.n_gen = int(batch_size * generated_fraction)  # DM-AT: int(batch_size * unsup_fraction)
-        else:
-            self.n_gen = round(generated_fraction * batch_size)
-        self.n_real = batch_size - self.n_gen
-        if self.n_real < 1:
-            raise GKLError("data.generated.fraction: leaves no real images in a batch; use a value below 1")
-        self.epoch_images = num_real if epoch_images is None else epoch_images
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.epoch, self.start = 1, 0
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch() - self.start
-
-    def batches_per_epoch(self) -> int:
-        if self.dmat:
-            return -(-self.epoch_images // self.batch_size)
-        full, rest = divmod(self.num_real, self.n_real)
-        return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def _generator(self, *keys: int) -> torch.Generator:
-        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, sum(keys)))
-
-    def _generated(self, k: int, count: int) -> Tensor:
-        return self.num_real + torch.randint(self.num_generated, (count,), generator=self._generator(-1 - k))
-
-    def _permutation(self, p: int) -> Tensor:
-        """The p-th real-image permutation of the epoch (p > 0 only when an epoch outlasts one pass)."""
-        return torch.randperm(self.num_real, generator=self._generator(-(2**40), -p * 2**20))
-
-    def _global_batch_dmat(self, k: int) -> Tensor:
-        chunks = -(-self.num_real // self.n_real)  # batches one permutation lasts
-        p, j = divmod(k, chunks)
-        real = self._permutation(p)[j * self.n_real : (j + 1) * self.n_real]
-        batch = torch.cat([real, self._generated(k, self.batch_size - len(real))])
-        return batch[torch.randperm(len(batch), generator=self._generator(-(2**41), -k))]
-
-    def _global_parts(self, perm: Tensor, k: int) -> list[Tensor]:
-        real = perm[k * self.n_real : (k + 1) * self.n_real]
-        parts = [real]
-        if self.n_gen:
-            # scale the batch's generated share with its real share (the last batch may be short)
-            count = self.n_gen if len(real) == self.n_real else max(1, round(self.n_gen * len(real) / self.n_real))
-            parts.append(self._generated(k, count))
-        return parts
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = None if self.dmat else self._permutation(0)
-        for k in range(self.start, self.batches_per_epoch()):
-            parts = [self._global_batch_dmat(k)] if self.dmat else self._global_parts(perm, k)
-            mine = [torch.tensor_split(part, self.world_size)[self.rank] for part in parts]
-            yield [(self.epoch, int(i)) for i in torch.cat(mine)]
-
-
-def make_batch_sampler(cfg: Any, num_train: int, num_generated: int, *, seed: int, rank: int = 0, world_size: int = 1) -> EpochBatchSampler:
-    """The training sampler of a `DataCfg`; `gkl train-at --dry-run` plans with this same function.
-
-    `num_train` counts the training images after the validation hold-out; DM-AT sizes its epoch by
-    the whole base set, so the hold-out is added back for `epoch_images`.
-    """
-    holdout = cfg.val_size if cfg.dataset != "imagenet-lt" else 0
-    return EpochBatchSampler(
-        num_train, cfg.batch_size, seed=seed, num_generated=num_generated, generated_fraction=cfg.generated.fraction,
-        generated_sampler=cfg.generated.sampler, epoch_images=num_train + holdout, drop_last=cfg.drop_last,
-        rank=rank, world_size=world_size,
-    )
 
 
 def make_train_loader(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +46,13 @@ def pick_device(requested: Optional[str], local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The device as results.json names it: the GPU's name, or the CPU's with the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def init_distributed(requested_device: Optional[str] = None) -> DistEnv:

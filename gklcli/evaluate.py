@@ -21,7 +21,7 @@ import logging
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,13 +31,12 @@ from torch import Tensor, nn
 
 from gklcli import __version__
 from gklcli.attacks import ce_attack_loss, cw_margin_loss, pgd_linf
-from gklcli.errors import GKLError
+from gklcli.errors import GKLError, show
 from gklcli.loading import LoadedModel
 from gklcli.checkpoint import LOCK_NAME, RunLock, atomic_save, atomic_write_text, load_file, read_json, remove_stale_temps
-from gklcli.distributed import pick_device
+from gklcli.distributed import device_name, pick_device
+from gklcli.aalog import EvalProgress, StageCounter
 
-AA_STAGE = re.compile(r"^(\S+) - (\d+)/(\d+) - (\d+) out of \d+ successfully perturbed")
-AA_DONE = re.compile(r"^robust accuracy after (\S+):")
 EVAL_FILES = ("manifest.json", "results.json", "results.md", "flags.pt")
 AA_ATTACKS = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")  # what pyautoattack's custom version runs
 MANIFEST_KEYS = ("model_sha256", "dataset", "n_ex", "eps", "norm", "version", "attacks", "seed", "batch_size",
@@ -52,9 +51,12 @@ def format_eps(eps: float) -> str:
 
 @dataclass
 class EvalConfig:
-    """Everything that determines the numbers (the manifest) plus how to run."""
+    """Everything that determines the numbers (the manifest) plus how to run.
 
-    dataset: str
+    `dataset` and `n_ex` are what was asked (None: the checkpoint's dataset); `evaluate_checkpoint`
+    records the dataset found and the images there really are."""
+
+    dataset: Optional[str] = None
     n_ex: int = 10000
     batch_size: int = 500
     eps: float = 8 / 255
@@ -69,6 +71,52 @@ class EvalConfig:
     step_size: float = 2 / 255
     individual: bool = False  # per-attack robust accuracy, each attack on all points
     guards: bool = True
+    data_dir: Optional[str] = None  # where datasets live (not part of the numbers)
+
+    def check(self) -> "EvalConfig":
+        """Refuse settings pyautoattack would fail on, or later reject, in one line each."""
+        if self.norm not in ("Linf", "L2"):
+            raise GKLError(f"--norm {self.norm}: use Linf or L2")
+        if self.version not in ("standard", "plus", "rand", "custom"):
+            raise GKLError(f"--version {self.version}: use standard, plus, rand or custom")
+        if (self.version == "custom") != bool(self.attacks):
+            raise GKLError("--attacks goes with --version custom (and custom needs --attacks)")
+        unknown = [a for a in self.attacks or [] if a not in AA_ATTACKS]
+        if unknown:
+            raise GKLError(f"--attacks {show(','.join(self.attacks or []))}: unknown attack {show(unknown[0])}; use {', '.join(AA_ATTACKS)}")
+        if (self.pgd or self.cw) and self.norm != "Linf":
+            raise GKLError("--pgd/--cw are L∞ attacks; use them with --norm Linf")
+        return self
+
+
+@dataclass
+class ModelRef:
+    """What to evaluate: a checkpoint file (`arch`/`num_classes` for plain state dicts) or, with
+    `robustbench`, a RobustBench leaderboard model from `model_dir`."""
+
+    path: Optional[str] = None
+    arch: Optional[str] = None
+    num_classes: Optional[int] = None
+    robustbench: Optional[str] = None
+    model_dir: str = "models"
+    zoo_dataset: Optional[str] = None  # the zoo of a RobustBench model (default: the evaluation dataset)
+
+    def load(self, cfg: EvalConfig, device: torch.device) -> tuple[LoadedModel, str, Optional[str]]:
+        """The model in eval mode, the default name of its evaluation folder, and the dataset to use."""
+        from gklcli.loading import load_model_file, load_robustbench_zoo_model
+
+        if (self.path is None) == (self.robustbench is None):
+            raise GKLError("give a checkpoint file or --robustbench-model NAME (one of them)")
+        if self.robustbench:
+            zoo = self.zoo_dataset or cfg.dataset
+            if zoo not in ("cifar10", "cifar100", "imagenet"):
+                raise GKLError("--robustbench-model needs --zoo-dataset (or --dataset) cifar10, cifar100 or imagenet")
+            loaded = load_robustbench_zoo_model(self.robustbench, self.model_dir, zoo, cfg.norm, device)
+            return loaded, self.robustbench, cfg.dataset or zoo
+        loaded = load_model_file(self.path, arch=self.arch, num_classes=self.num_classes, device=device)
+        path = Path(self.path)
+        name = path.parent.name + "-" + path.stem if loaded.source == "gkl" else path.stem
+        return loaded, name, cfg.dataset
 
 
 def manifest(cfg: EvalConfig, model_sha256: str) -> dict[str, Any]:
@@ -84,29 +132,30 @@ def manifest(cfg: EvalConfig, model_sha256: str) -> dict[str, Any]:
 
 def load_eval_data(spec: Optional[str], loaded: LoadedModel, data_dir: Optional[str], n_ex: int) -> tuple[Tensor, Tensor, str]:
     """The first `n_ex` test images (float [0,1], N×C×H×W) and labels, and the dataset's name."""
-    from gklcli.data import CIFAR_SIZES, _torchvision_cifar, load_digits, load_npz, make_synthetic
-    from gklcli.recipes import DigitsCfg
+    from gklcli.data import CIFAR, load_test_set
+    from gklcli.recipes import DataCfg, DigitsCfg, SyntheticCfg
 
     spec = spec or loaded.dataset
     if spec is None:
         raise GKLError("--dataset is needed: the checkpoint does not record its dataset (cifar10, cifar100 or npz:PATH)")
-    root = Path(data_dir or "data")
-    if spec in CIFAR_SIZES:
-        source = _torchvision_cifar(spec, root, False, True)
+    if spec in CIFAR:
+        data = DataCfg(dataset=spec, download=True)
     elif spec.startswith("npz:"):
-        source = load_npz(spec[4:], loaded.num_classes)
+        data = DataCfg(dataset="npz", test_path=spec[4:])
     elif spec == "synthetic":
         syn = (loaded.meta.get("recipe") or {}).get("data", {}).get("synthetic")
         if syn is None:
             raise GKLError("--dataset synthetic: only for gkl checkpoints trained on synthetic data (their recipe defines it)")
-        source = make_synthetic(syn["num_test"], syn["num_classes"], syn["image_size"], syn["seed"], "test")
+        data = DataCfg(dataset="synthetic", synthetic=SyntheticCfg(num_test=syn["num_test"], num_classes=syn["num_classes"],
+                                                                   image_size=syn["image_size"], seed=syn["seed"]))
     elif spec == "digits":  # the fixed test split, at the image size the checkpoint was trained on
         recipe_digits = (loaded.meta.get("recipe") or {}).get("data", {}).get("digits") or {}
         size = recipe_digits.get("image_size") or loaded.meta.get("image_size") or DigitsCfg().image_size
-        source = load_digits("test", int(size))
+        data = DataCfg(dataset="digits", digits=DigitsCfg(image_size=int(size)))
     else:
         raise GKLError(f"--dataset {spec}: use cifar10, cifar100, npz:PATH, synthetic or digits")
-    if len(source) == 0:
+    source = load_test_set(data, data_dir, loaded.num_classes)
+    if source is None or len(source) == 0:  # None: `npz:` without a path
         raise GKLError(f"--dataset {spec}: holds 0 test images")
     size = loaded.meta.get("image_size")
     if size and tuple(source.images.shape[1:3]) != (size, size):
@@ -123,11 +172,6 @@ def load_eval_data(spec: Optional[str], loaded: LoadedModel, data_dir: Optional[
 # ---------------------------------------------------------------------------------------------------
 # Guards: refuse to report numbers that would not mean what they say.
 # ---------------------------------------------------------------------------------------------------
-
-_DATA_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
 
 
 @torch.no_grad()
@@ -155,7 +199,10 @@ def run_guards(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, dataset
     if batch_diff > 1e-3 * scale:
         raise GKLError(f"guard: logits depend on the batch (differ by {batch_diff:.3g} when the batch is split); is BatchNorm in train mode?")
     raw_acc = float((first.argmax(1) == yb).float().mean())
-    mean, std = _DATA_STATS.get(dataset, (tuple(x[:n].mean((0, 2, 3)).tolist()), tuple(x[:n].std((0, 2, 3)).tolist())))
+    from gklcli.datasets import DATASETS
+
+    known = DATASETS[dataset].stats if dataset in DATASETS else None  # else the statistics of these images
+    mean, std = known or (tuple(x[:n].mean((0, 2, 3)).tolist()), tuple(x[:n].std((0, 2, 3)).tolist()))
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     normalised_acc = float((model((xb - m) / s).argmax(1) == yb).float().mean())
@@ -174,38 +221,6 @@ def run_guards(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, dataset
 # ---------------------------------------------------------------------------------------------------
 
 
-class _StageCounter(logging.Handler):
-    """Follows pyautoattack's DEBUG log: the points each attack removed, and a progress line per batch.
-
-    `on_stage(text, finished)` gets "apgd-t batch 2/4: 312/500 robust, 45 s" after each batch and
-    "apgd-t done: …" when the attack ends (`finished`), so a long chunk shows where it is."""
-
-    def __init__(self, robust: int, n: int, on_stage: Optional[Callable[[str, bool], None]] = None):
-        super().__init__(logging.DEBUG)
-        self.removed: dict[str, int] = {}
-        self.order: list[str] = []
-        self.robust, self.n, self.tick = robust, n, time.perf_counter()
-        self.on_stage = on_stage
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        match, done = AA_STAGE.match(message), AA_DONE.match(message)
-        if match:
-            attack, batch, batches, removed = match.group(1), match.group(2), match.group(3), int(match.group(4))
-            if attack not in self.removed:
-                self.order.append(attack)
-                self.removed[attack] = 0
-            self.removed[attack] += removed
-            self.robust -= removed
-            self._report(f"{attack} batch {batch}/{batches}", False)
-        elif done:
-            self._report(f"{done.group(1).lower()} done", True)
-
-    def _report(self, what: str, finished: bool) -> None:
-        if self.on_stage is not None:
-            self.on_stage(f"{what}: {self.robust}/{self.n} robust, {time.perf_counter() - self.tick:.1f} s", finished)
-
-
 def _autoattack(model: nn.Module, cfg: EvalConfig, eps: float, device: torch.device) -> Any:
     from pyautoattack import AutoAttack
 
@@ -215,11 +230,11 @@ def _autoattack(model: nn.Module, cfg: EvalConfig, eps: float, device: torch.dev
 
 def autoattack_flags(
     model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, eps: float, device: torch.device,
-    on_stage: Optional[Callable[[str, bool], None]] = None, clean_correct: Optional[int] = None,
+    on_stage: Optional[Callable[[str, bool], None]] = None,
 ) -> tuple[Tensor, dict[str, int], float]:
     """Robust flags of one direct pyautoattack call, the points each attack removed, max perturbation."""
     logger = logging.getLogger("auto-attack")
-    counter = _StageCounter(len(x) if clean_correct is None else clean_correct, len(x), on_stage)
+    counter = StageCounter(len(x), on_stage)
     level = logger.level
     logger.addHandler(counter)
     logger.setLevel(logging.DEBUG)
@@ -228,11 +243,20 @@ def autoattack_flags(
     finally:
         logger.removeHandler(counter)
         logger.setLevel(level)
-    delta = (x_adv - x).reshape(len(x), -1)
-    size = float(delta.abs().max()) if cfg.norm == "Linf" else float(delta.norm(dim=1).max()) if len(x) else 0.0
+    size = perturbation_size(x_adv, x, cfg.norm)
     if size > eps + 1e-5:
         raise GKLError(f"AutoAttack returned a perturbation of {size:.6f} > ε = {eps:.6f}; refusing to report")
-    return (y_adv.cpu() == y.cpu()), {a: counter.removed[a] for a in counter.order}, size
+    flags = y_adv.cpu() == y.cpu()
+    counter.verify(int(flags.sum()))
+    return flags, {a: counter.removed[a] for a in counter.order}, size
+
+
+def perturbation_size(x_adv: Tensor, x: Tensor, norm: str) -> float:
+    """The largest per-image L∞ (or L2) perturbation; 0 for no images."""
+    if not len(x):
+        return 0.0
+    delta = (x_adv - x).reshape(len(x), -1)
+    return float(delta.abs().max()) if norm == "Linf" else float(delta.norm(dim=1).max())
 
 
 def individual_flags(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, device: torch.device) -> dict[str, Tensor]:
@@ -260,7 +284,7 @@ def pgd_flags(model: nn.Module, x: Tensor, y: Tensor, loss: str, steps: int, cfg
 
 
 def evaluate_chunk(model: nn.Module, x: Tensor, y: Tensor, start: int, cfg: EvalConfig, device: torch.device,
-                   progress: Optional["EvalProgress"] = None) -> dict[str, Any]:
+                   progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """Every configured evaluation on one chunk; the payload of its chunk file."""
     tick = time.perf_counter()
     payload: dict[str, Any] = {"start": start, "end": start + len(x), "clean": predict(model, x, cfg.batch_size, device) == y}
@@ -269,7 +293,7 @@ def evaluate_chunk(model: nn.Module, x: Tensor, y: Tensor, start: int, cfg: Eval
     for eps in runs:
         where = f"images {start}–{start + len(x)}" + (f", ε {format_eps(eps)}" if len(runs) > 1 else "")
         on_stage = (lambda text, finished, where=where: progress.stage(f"{where}: {text}", finished)) if progress else None
-        flags, removed, size = autoattack_flags(model, x, y, cfg, eps, device, on_stage, int(payload["clean"].sum()))
+        flags, removed, size = autoattack_flags(model, x, y, cfg, eps, device, on_stage)
         payload["aa"][format_eps(eps)] = {"robust": flags, "removed": removed, "max_perturbation": size}
     extra = {}
     devices = [device] if device.type == "cuda" else []
@@ -489,7 +513,7 @@ def write_results(out: Path, dirs: list[Path], extra_info: dict[str, Any]) -> di
 def run_evaluation(
     loaded: LoadedModel, x: Tensor, y: Tensor, cfg: EvalConfig, out: Path, *, device: torch.device,
     shard: tuple[int, int] = (0, 1), resume: bool = False, overwrite: bool = False,
-    progress: Optional["EvalProgress"] = None, guard_info: Optional[dict[str, Any]] = None,
+    progress: Optional[EvalProgress] = None, guard_info: Optional[dict[str, Any]] = None,
 ) -> Optional[dict[str, Any]]:
     """Evaluate this shard's unfinished chunks; merge and return results when all chunks exist."""
     if shard[1] > 1 and cfg.chunk_size == 0:
@@ -503,7 +527,7 @@ def run_evaluation(
 
 def _evaluate_shard(
     loaded: LoadedModel, x: Tensor, y: Tensor, cfg: EvalConfig, out: Path, *, device: torch.device,
-    shard: tuple[int, int], resume: bool, overwrite: bool, progress: Optional["EvalProgress"],
+    shard: tuple[int, int], resume: bool, overwrite: bool, progress: Optional[EvalProgress],
     guard_info: Optional[dict[str, Any]],
 ) -> Optional[dict[str, Any]]:
     wanted = manifest(cfg, loaded.sha256 or "unknown")
@@ -531,7 +555,7 @@ def _evaluate_shard(
             progress.chunk(done_images, total, f"images {a}–{b} done: {robust}/{b - a} robust, {payload['seconds']:.0f} s")
     info = {"model": {"path": str(loaded.path) if loaded.path else None, "arch": loaded.arch, "source": loaded.source,
                       "num_classes": loaded.num_classes},
-            "guard_checks": guard_info or {}, "device": _device_name(device)}
+            "guard_checks": guard_info or {}, "device": device_name(device)}
     if loaded.source == "robustbench-zoo":
         info["model"]["robustbench_name"] = loaded.meta["robustbench_name"]
     try:
@@ -542,106 +566,22 @@ def _evaluate_shard(
         raise
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+def evaluate_checkpoint(model: ModelRef | str, cfg: EvalConfig, out: Optional[str | Path] = None, *,
+                        shard: Optional[str] = None, resume: bool = False, overwrite: bool = False,
+                        device: Optional[str] = None, console: Any = None, quiet: bool = False) -> Optional[dict[str, Any]]:
+    """`gkl eval-aa`: load, check, evaluate this shard (`i/n`), merge when complete.
 
-
-
-
-def run_cli_evaluation(*, ckpt: Optional[str], arch: Optional[str], num_classes: Optional[int], dataset: Optional[str],
-                       data_dir: Optional[str], n_ex: int, batch_size: int, eps: float, norm: str, version: str,
-                       attacks: Optional[list[str]], seed: int, chunk_size: int, shard: Optional[str], out_dir: Optional[str],
-                       resume: bool, overwrite: bool, eps_list: list[float], pgd: list[int], cw: list[int], individual: bool,
-                       robustbench_model: Optional[str], model_dir: str, guards: bool, device: Optional[str],
-                       zoo_dataset: Optional[str] = None,
-                       console: Any = None, quiet: bool = False) -> Optional[dict[str, Any]]:
-    """`gkl eval-aa`: load, check, evaluate this shard, merge when complete."""
-    from gklcli.loading import load_model_file, load_robustbench_zoo_model
-
+    Returns the results, or None when other shards are still missing. `out` defaults to
+    evals/<checkpoint or model name>."""
+    ref = ModelRef(path=str(model)) if isinstance(model, (str, Path)) else model
+    cfg.check()
     dev = pick_device(device)
     shard_spec = parse_shard(shard)
-    if (pgd or cw) and norm != "Linf":
-        raise GKLError("--pgd/--cw are L∞ attacks; use them with --norm Linf")
-    if robustbench_model:
-        zoo = zoo_dataset or dataset
-        if zoo not in ("cifar10", "cifar100", "imagenet"):
-            raise GKLError("--robustbench-model needs --zoo-dataset (or --dataset) cifar10, cifar100 or imagenet")
-        loaded = load_robustbench_zoo_model(robustbench_model, model_dir, zoo, norm, dev)
-        dataset = dataset or zoo
-        name = robustbench_model
-    else:
-        loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
-        name = Path(ckpt).parent.name + "-" + Path(ckpt).stem if loaded.source == "gkl" else Path(ckpt).stem
-    x, y, data_name = load_eval_data(dataset, loaded, data_dir, n_ex)
-    cfg = EvalConfig(dataset=data_name, n_ex=len(x), batch_size=batch_size, eps=eps, norm=norm, version=version, attacks=attacks,
-                     seed=seed, chunk_size=chunk_size, eps_list=eps_list, pgd=pgd, cw=cw, individual=individual, guards=guards)
+    loaded, name, dataset = ref.load(cfg, dev)
+    x, y, data_name = load_eval_data(dataset, loaded, cfg.data_dir, cfg.n_ex)
+    cfg = replace(cfg, dataset=data_name, n_ex=len(x))
     loaded.module.eval()
-    guard_info = run_guards(loaded.module, x, y, loaded.num_classes, data_name, dev) if guards else {"disabled": True}
-    out = Path(out_dir or f"evals/{name}")
+    guard_info = run_guards(loaded.module, x, y, loaded.num_classes, data_name, dev) if cfg.guards else {"disabled": True}
     with EvalProgress(console, quiet) as progress:
-        return run_evaluation(loaded, x, y, cfg, out, device=dev, shard=shard_spec, resume=resume, overwrite=overwrite,
-                              progress=progress, guard_info=guard_info)
-
-
-class EvalProgress:
-    """What eval-aa shows while it works, fed by chunk completions and pyautoattack's attack log.
-
-    With a console: a rich bar over images (img/s) whose text follows the current attack batch by
-    batch (attack, images still robust, elapsed). Quiet: one line per finished attack and chunk, for
-    log files. Without a console: nothing."""
-
-    def __init__(self, console: Any, quiet: bool = False):
-        self.console, self.quiet = console, quiet
-        self.bar: Any = None
-        self.task: Any = None
-        self.tick = time.perf_counter()
-        self.done = 0
-        self.first: Optional[int] = None  # images already done when this process started (a resume)
-
-    def __enter__(self) -> "EvalProgress":
-        if self.console is not None and not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("AutoAttack"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                TimeElapsedColumn(), console=self.console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("aa", total=None, info="")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def _print(self, text: str) -> None:
-        from rich.markup import escape
-
-        if self.console is not None and self.quiet:
-            self.console.print(escape(text), highlight=False)
-
-    def note(self, text: str) -> None:
-        from rich.markup import escape
-
-        if self.console is not None:
-            self.console.print(f"[yellow]note:[/] {escape(text)}")
-
-    def stage(self, text: str, finished: bool) -> None:
-        """An attack's progress inside a chunk."""
-        if self.bar is not None:
-            self.bar.update(self.task, info=f"{self._rate()} {text}")
-        elif finished:
-            self._print(f"AutoAttack {text}")
-
-    def chunk(self, done: int, total: int, text: str) -> None:
-        """Images finished (this shard's) out of `total`."""
-        self.done = done
-        if self.first is None:
-            self.first = done
-        if self.bar is not None:
-            self.bar.update(self.task, total=total, completed=done, info=f"{self._rate()} {text}")
-        else:
-            self._print(f"AutoAttack {done}/{total} images | {text}")
-
-    def _rate(self) -> str:
-        return f"{(self.done - (self.first or 0)) / max(time.perf_counter() - self.tick, 1e-9):.1f} img/s"
+        return run_evaluation(loaded, x, y, cfg, Path(out or f"evals/{name}"), device=dev, shard=shard_spec, resume=resume,
+                              overwrite=overwrite, progress=progress, guard_info=guard_info)

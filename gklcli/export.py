@@ -28,8 +28,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from gklcli.datasets import facts
 from gklcli.errors import GKLError
 from gklcli.names import MODEL_ID, check_name
+
+MODEL_ID_RULE = "a RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10"
+RESULT_KEYS = ("n_ex", "dataset", "clean_acc", "robust_acc", "version", "norm", "seed", "batch_size", "versions")
 from gklcli.loading import LoadedModel, load_strict
 from gklcli.checkpoint import atomic_save, atomic_write_text
 
@@ -232,8 +236,8 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
         raise GKLError(f"--threat-model {threat_model}: gkl exports Linf models")
     if dataset not in ("cifar10", "cifar100"):
         raise GKLError(f"--dataset {dataset}: use cifar10 or cifar100")
-    check_name(model_id, "--name", MODEL_ID, "a RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10")
-    expected_classes = 10 if dataset == "cifar10" else 100
+    check_name(model_id, "--name", MODEL_ID, MODEL_ID_RULE)
+    expected_classes = facts(dataset).classes
     if loaded.num_classes != expected_classes:
         raise GKLError(f"--dataset {dataset}: the model has {loaded.num_classes} classes, {dataset} has {expected_classes}")
     if results is not None:
@@ -281,3 +285,27 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
     atomic_write_text(out / "SUBMISSION.md", submission_text(model_id, info, results, report["sha256"]))
     report["model_info"] = info
     return report
+
+
+def read_results(path: str | Path, loaded: LoadedModel, dataset: str, data_dir: Optional[str], n_ex: Optional[int],
+                 note: Any = print) -> tuple[dict[str, Any], Optional[tuple[Tensor, Tensor]]]:
+    """`--results`: a gkl eval-aa results.json, checked, and the images to recompute its clean accuracy on.
+
+    The images are None (with a `note`) when they cannot be loaded here; `export` then skips that check."""
+    from gklcli.checkpoint import read_json
+    from gklcli.evaluate import load_eval_data
+
+    results = read_json(path, "--results")
+    missing = [k for k in RESULT_KEYS if k not in results] if isinstance(results, dict) else ["all"]
+    if missing:
+        raise GKLError(f"--results {path}: not a gkl eval-aa results.json (missing {', '.join(missing)})")
+    if n_ex is not None and n_ex > results["n_ex"]:
+        raise GKLError(f"--n-ex {n_ex}: the results cover only {results['n_ex']} images")
+    try:
+        x, y, _ = load_eval_data(results.get("dataset"), loaded, data_dir, n_ex or results["n_ex"])
+    except GKLError as error:
+        note(f"clean accuracy not recomputed: {error}")
+        return results, None
+    if str(results.get("dataset")).startswith("npz:"):
+        note(f"the results were computed on {results['dataset']}; it must be the {dataset} test set in canonical order")
+    return results, (x, y)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from gklcli.datasets import facts
 from gklcli.errors import GKLError
 from gklcli.models import create_model, get_spec
 from gklcli.checkpoint import FORMAT, load_file, sha256_file
@@ -148,5 +149,5 @@ def load_robustbench_zoo_model(name: str, model_dir: str | Path, dataset: str, t
     if name not in zoo:
         raise GKLError(f"--robustbench-model {name}: not in RobustBench's {dataset}/{threat_model} zoo")
     module = load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
-    classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[dataset]
+    classes = facts(dataset).classes
     return LoadedModel(module.to(device).eval(), None, classes, "robustbench-zoo", file, sha256_file(file), dataset, None, {"robustbench_name": name})

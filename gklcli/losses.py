@@ -29,6 +29,7 @@ Normalisation of the wMSE term:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, NamedTuple
 
 import weakref
@@ -394,3 +395,211 @@ def dkd_loss(logits_student: Tensor, logits_teacher: Tensor, targets: Tensor, *,
     tckd = F.kl_div(student_bin, teacher_bin, reduction="batchmean")
     nckd = F.kl_div(F.log_softmax(s - 1000.0 * gt, dim=1), F.softmax(t - 1000.0 * gt, dim=1), reduction="batchmean")
     return temperature ** 2 * (alpha * tckd + beta * nckd)
+
+
+def jsd(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Batch-mean Jensen-Shannon divergence between softmax(t/T) and softmax(s/T) (Eq. 15)."""
+    s, t = _promote(logits_student, logits_teacher)
+    log_p = F.log_softmax(t / temperature, dim=1)
+    log_q = F.log_softmax(s / temperature, dim=1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(1)
+    return (0.5 * (kl_pm + kl_qm)).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry: every loss by name, and what it needs
+# ---------------------------------------------------------------------------------------------------
+#
+# A task names its loss (`loss.name` of a recipe, `attack.loss` of adversarial training) and gets a
+# `LossEntry`: the function, the recipe settings it reads, whether it needs the labels or a class
+# prior. Steps, the `--dry-run` text and the reproduce reports all go through it; a new task adds
+# entries. Kinds: "at" (the robust term of adversarial training), "kd" (the distillation term) and
+# "attack" (the inner maximisation of adversarial training).
+
+KINDS = {"at": "adversarial-training", "kd": "distillation", "attack": "attack"}
+# how each setting is written in texts (the paper's symbols)
+SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "prior_temperature": "τ", "temperature": "T",
+           "weight_temperature": "T2", "trades_beta": "β_TRADES", "kd_weight": "KD weight"}
+
+
+class LossEntry(NamedTuple):
+    """One loss: `compute(student, teacher, targets, prior, settings) -> GKLTerms` and its needs.
+
+    `settings(kind, weights)` is the tuple of `loss.*` recipe keys it reads for that kind (a key set
+    but not read is refused by the recipe check); `prior` says that class-wise weights come from a
+    `ClassPrior`, built with the temperature named by `prior_temperature_key(kind)`."""
+
+    name: str
+    title: str
+    compute: Any
+    kinds: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    prior: bool = False
+    needs_targets: bool = False
+    needs_teacher: bool = True
+    note: str = ""
+
+    def prior_temperature_key(self, kind: str) -> str:
+        # the official AT code builds the prior at τ (its --T); the official KD code at T2
+        return "prior_temperature" if kind == "at" else "weight_temperature"
+
+    def uses_prior(self, kind: str, weights: str) -> bool:
+        return self.prior and weights == "class" and kind != "attack"
+
+    def settings(self, kind: str, weights: str = "class") -> tuple[str, ...]:
+        """The loss.* keys this loss reads for `kind` (with `weights` class- or sample-wise)."""
+        keys = list(self.reads)
+        if self.prior:
+            keys.append("weights")
+            if self.uses_prior(kind, weights):
+                keys.append(self.prior_temperature_key(kind))
+            else:
+                keys.append("weight_temperature")
+        return tuple(dict.fromkeys(keys))
+
+    def describe(self, kind: str, values: Any) -> str:
+        """One line for texts: "GKL (α=20, β=4, γ=1, τ=4, T=1, class-wise weights)"."""
+        parts = []
+        for key in self.settings(kind, getattr(values, "weights", "class")):
+            value = getattr(values, key)
+            if key == "weights":
+                parts.append(f"{value}-wise weights")
+            elif key == "normalization":
+                parts.append(f"wMSE / {'Σw' if value == 'weights' else 'B'}")
+            else:
+                parts.append(f"{SYMBOLS[key]}={value:g}")
+        return f"{self.title} ({', '.join(parts)})" if parts else self.title
+
+
+def _gkl(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return gkl_terms(s, t, alpha=c.alpha, beta=c.beta, gamma=c.gamma, temperature=c.temperature, targets=y,
+                     class_prior=prior, weight_temperature=c.weight_temperature, normalization=c.normalization)
+
+
+def _ikl(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    # the conference version: no γ (γ = 1) and the wMSE sum divided by B; defined here once
+    return gkl_terms(s, t, alpha=c.alpha, beta=c.beta, gamma=1.0, temperature=c.temperature, targets=y,
+                     class_prior=prior, weight_temperature=c.weight_temperature, normalization="batch")
+
+
+def _dkl(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return dkl_terms(s, t, alpha=c.alpha, beta=c.beta)
+
+
+def _only_ce(value: Tensor) -> GKLTerms:
+    """A loss without a wMSE part, logged as its `ce` component."""
+    return GKLTerms(value.new_zeros(()), value)
+
+
+def _trades(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return _only_ce(c.trades_beta * kl_div(s, t))
+
+
+def _kd(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    # Hinton's KD as mdistiller's kd_loss: kd_weight·T²·KL(softmax(t/T) ‖ softmax(s/T))
+    return _only_ce(c.kd_weight * c.temperature ** 2 * kl_div(s, t, c.temperature))
+
+
+def _jsd(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return _only_ce(c.kd_weight * jsd(s, t, c.temperature))
+
+
+def _dkd(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    # α weights TCKD and β NCKD, as in the DKD paper and mdistiller
+    return _only_ce(dkd_loss(s, t, y, alpha=c.alpha, beta=c.beta, temperature=c.temperature))
+
+
+def _ce(s: Tensor, t: Tensor | None, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return _only_ce(F.cross_entropy(s.float(), y))
+
+
+def _kl(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return _only_ce(kl_div(s, t))
+
+
+def _sce(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return _only_ce(soft_cross_entropy(s, t))
+
+
+class _Fixed:
+    """The official attack loss's fixed settings: GKL with α = β = γ = 1 (and the training prior)."""
+
+    alpha = beta = gamma = temperature = weight_temperature = 1.0
+    normalization = "weights"
+
+
+_GKL_READS = ("alpha", "beta", "gamma", "temperature", "normalization")
+LOSSES: dict[str, LossEntry] = {e.name: e for e in (
+    LossEntry("gkl", "GKL", _gkl, ("at", "kd", "attack"), _GKL_READS, prior=True, needs_targets=True,
+              note="Eq. 13: α/4·wMSE + β·soft-label CE; as an attack loss α = β = γ = 1 (official CIFAR-100)"),
+    LossEntry("ikl", "IKL", _ikl, ("at", "kd"), ("alpha", "beta", "temperature"), prior=True, needs_targets=True,
+              note="the conference version: γ = 1, wMSE / B"),
+    LossEntry("dkl", "DKL", _dkl, ("at",), ("alpha", "beta"), note="Theorem 1 without the GKL changes"),
+    LossEntry("trades", "TRADES", _trades, ("at",), ("trades_beta",), note="β_TRADES·KL(clean ‖ adversarial)"),
+    LossEntry("kd", "KD", _kd, ("kd",), ("temperature", "kd_weight"), note="Hinton's KD, ×T²"),
+    LossEntry("jsd", "JSD", _jsd, ("kd",), ("temperature", "kd_weight"), note="Jensen-Shannon, appendix §6.6"),
+    LossEntry("dkd", "DKD", _dkd, ("kd",), ("alpha", "beta", "temperature"), needs_targets=True,
+              note="α·TCKD + β·NCKD (×T²), the DKD baseline"),
+    LossEntry("ce", "CE only", _ce, ("kd", "attack"), needs_targets=True, needs_teacher=False,
+              note="the labels alone: as a distillation loss the student baseline, as an attack loss Madry's PGD"),
+    LossEntry("kl", "KL", _kl, ("attack",), note="KL(clean ‖ adversarial), TRADES' attack"),
+    LossEntry("sce", "soft-label CE", _sce, ("attack",), note="the official CIFAR-10 attack loss"),
+)}
+LOSS_SETTINGS = tuple(dict.fromkeys(k for e in LOSSES.values() for kind in e.kinds for w in ("class", "sample")
+                                    for k in e.settings(kind, w)))
+
+
+def loss_names(kind: str) -> tuple[str, ...]:
+    """The names a task of `kind` accepts, in registry order."""
+    return tuple(name for name, e in LOSSES.items() if kind in e.kinds)
+
+
+def get_loss(name: str, kind: str) -> LossEntry:
+    """The registry entry; a name this kind does not know is a ValueError listing the names it does."""
+    entry = LOSSES.get(name)
+    if entry is None or kind not in entry.kinds:
+        raise ValueError(f"unknown {KINDS[kind]} loss {name!r}; use one of {', '.join(loss_names(kind))}")
+    return entry
+
+
+class LossTerm:
+    """A registry loss bound to a run's settings and, for class-wise weights, its `ClassPrior`.
+
+    What a Step calls each batch: `term(student, teacher, targets)`. `update`/`end_epoch` build the
+    prior epoch by epoch (uniform during epoch 1); `state_dict` carries it across a resume."""
+
+    def __init__(self, name: str, kind: str, settings: Any, num_classes: int, device: torch.device | str | None = None):
+        self.entry, self.kind, self.settings = get_loss(name, kind), kind, settings
+        uses = self.entry.uses_prior(kind, getattr(settings, "weights", "class"))
+        temperature = getattr(settings, self.entry.prior_temperature_key(kind)) if uses else 1.0
+        self.prior = ClassPrior(num_classes, temperature, device) if uses else None
+
+    @property
+    def matrix(self) -> Tensor | None:
+        """The class prior used for this epoch's weights (None: sample-wise or no prior)."""
+        return self.prior.prior if self.prior is not None else None
+
+    def __call__(self, student: Tensor, teacher: Tensor | None, targets: Tensor | None) -> GKLTerms:
+        return self.entry.compute(student, teacher, targets, self.matrix, self.settings)
+
+    def attack(self, name: str) -> Any:
+        """The attack loss `name` as pgd_linf calls it, sharing this term's prior (official GKL-AT)."""
+        entry = get_loss(name, "attack")
+        return lambda adv, nat, y: entry.compute(adv, nat, y, self.matrix, _Fixed).total
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        if self.prior is not None:
+            self.prior.update(logits, targets)
+
+    def end_epoch(self) -> None:
+        if self.prior is not None:
+            self.prior.end_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prior": self.prior.state_dict() if self.prior is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.prior is not None and state.get("prior") is not None:
+            self.prior.load_state_dict(state["prior"])

@@ -26,6 +26,9 @@ import yaml
 
 from gklcli.errors import GKLError, show
 from gklcli.names import MAX_NAME, RULES, RUN_NAME
+from gklcli.recipe_files import (  # noqa: F401 (RECIPES_DIR, bundled_recipes, parse_override, resolve_recipe_path: public here too)
+    RECIPES_DIR, Sources, apply_override, bundled_recipes, load_tree, parse_override, resolve_recipe_path,
+)
 
 EPS_8 = 8 / 255
 EPS_2 = 2 / 255
@@ -132,7 +135,7 @@ class LossCfg:
     ``--beta`` is α here (see `gklcli.losses`).
     """
 
-    name: Literal["gkl", "ikl", "dkl", "trades", "kd", "jsd", "dkd", "ce"] = "gkl"
+    name: str = "gkl"  # a name of the loss registry (gklcli.losses.LOSSES): gkl, ikl, dkl, trades, kd, jsd, dkd, ce
     alpha: float = _num(20.0, 0.0)  # α: wMSE weight (the term is α/4·‖·‖²)
     beta: float = _num(4.0, 0.0)  # β: soft-label cross-entropy weight
     gamma: float = _num(1.0, 0.0, 1.0)  # γ: power on the wMSE weights
@@ -157,7 +160,7 @@ class AttackCfg:
     """The inner maximisation of adversarial training (run in eval mode by default)."""
 
     eps: float = _num(EPS_8, 0.0)
-    loss: Literal["gkl", "sce", "kl", "ce"] = "gkl"  # official: gkl(α=β=γ=1) C-100, sce C-10
+    loss: str = "gkl"  # an attack loss of the registry: gkl (α=β=γ=1, official C-100), sce (C-10), kl, ce
     # official: 5 steps of ε_t/2 every epoch (what the official `if` chain really does);
     # staged: the 2/3/4/5-step schedule it intended; fixed: `steps` × `step_size`.
     schedule: Literal["official", "staged", "fixed"] = "official"
@@ -301,152 +304,17 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading: YAML files, `extends:`, overrides. `Sources` remembers which file set each dotted key.
+# What may change between runs that are the same run.
 # ---------------------------------------------------------------------------------------------------
 
-Sources = dict[str, str]
-# A recipe is a few hundred values: anything far larger is an alias bomb ("billion laughs") or garbage,
-# and is refused before anything walks it (merging, validation, an error message's repr).
-MAX_RECIPE_VALUES = 100_000
-MAX_RECIPE_DEPTH = 64
-def check_size(data: Any, origin: str) -> None:
-    """Refuse YAML that expands to more than MAX_RECIPE_VALUES values or nests deeper than
-    MAX_RECIPE_DEPTH (YAML aliases share nodes, so the expansion is counted, not built)."""
-    count, stack = 0, [(data, 0)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_RECIPE_VALUES:
-            raise GKLError(f"{origin}: expands to more than {MAX_RECIPE_VALUES:,} values (a YAML alias bomb?); refused")
-        if depth > MAX_RECIPE_DEPTH:
-            raise GKLError(f"{origin}: nested deeper than {MAX_RECIPE_DEPTH} levels; refused")
-        if isinstance(node, dict):
-            count += len(node)
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
+# Settings (dotted keys, or prefixes ending in ".") that change neither what a run trains nor the numbers
+# it reports: names, paths, workers, logging. Runs that differ only here are the same run (reproduce's
+# run key leaves them out) ...
+RESULT_NEUTRAL = ("meta.", "output.", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+                  "train.log_every_steps", "train.save_every_steps")
+# ... and these change only the final report, not the training: a --resume may change them as well
+RESUME_SAFE = RESULT_NEUTRAL + ("eval.final_test", "eval.n_test")
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GKLError(f"{origin}: recipe file not found: {path}") from None
-    except OSError as err:
-        raise GKLError(f"{origin}: cannot read {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise GKLError(f"{path}: not UTF-8 text (byte {err.start}); a recipe is a UTF-8 YAML file") from None
-    try:
-        data = yaml.safe_load(text)
-    except RecursionError:
-        raise GKLError(f"{path}: nested too deeply to read; refused") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise GKLError(f"{path}:{where}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    check_size(data, str(path))
-    if not isinstance(data, dict):
-        raise GKLError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return data
-
-
-def _record(data: dict[str, Any], source: str, sources: Sources, prefix: str = "") -> None:
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        sources[dotted] = source
-        if isinstance(value, dict):
-            _record(value, source, sources, dotted + ".")
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _load_tree(path: Path, sources: Sources, chain: tuple[Path, ...]) -> dict[str, Any]:
-    """The merged mapping of `path` and everything it extends, bases first."""
-    path = path.resolve()
-    if path in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, path))
-        raise GKLError(f"{path}: extends: cycle {cycle}")
-    data = _read_yaml(path, str(chain[-1]) if chain else "recipe")
-    parents = data.pop("extends", None)
-    if parents is None:
-        parents = []
-    elif isinstance(parents, str):
-        parents = [parents]
-    elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
-        raise GKLError(f"{path}: extends: must be a path or a list of paths, got {show(parents)}")
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        merged = _deep_merge(merged, _load_tree(path.parent / parent, sources, (*chain, path)))
-    _record(data, str(path), sources)
-    return _deep_merge(merged, data)
-
-
-def bundled_recipes(pattern: str = "*") -> list[Path]:
-    """gkl's own complete recipes (not the partial bases in base/, not the table registry in tables/)."""
-    return sorted(p for p in RECIPES_DIR.rglob(f"{pattern}.yaml") if not {"base", "tables"} & set(p.relative_to(RECIPES_DIR).parts))
-
-
-def resolve_recipe_path(name: str) -> Path:
-    """A recipe given as a path, or by name from ./recipes or gkl's own recipes/ folder."""
-    candidates = [Path(name)]
-    if not name.endswith((".yaml", ".yml")):
-        candidates.append(Path(name + ".yaml"))
-    for folder in (Path("recipes"), RECIPES_DIR):
-        candidates += [folder / c for c in candidates[:2]]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    stem = Path(name).stem if name.endswith((".yaml", ".yml")) else Path(name).name
-    found = bundled_recipes(stem)
-    if len(found) == 1:  # a bundled recipe in a sub-folder, named without it (kd/… → …)
-        return found[0]
-    raise GKLError(f"recipe not found: {name} (give a path, or a name from {RECIPES_DIR})")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` → (['a','b','c'], YAML-typed value)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise GKLError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. loss.gamma=0.4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except RecursionError:
-        raise GKLError(f"--set {key}: the value is nested too deeply; refused") from None
-    except yaml.YAMLError:
-        value = raw
-    check_size(value, f"--set {key}")
-    return key.split("."), value
-
-
-def _apply_override(tree: dict[str, Any], text: str, sources: Sources) -> None:
-    path, value = parse_override(text)
-    node = tree
-    origin = f"--set {text}"
-    for i, part in enumerate(path[:-1]):
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-            sources[".".join(path[: i + 1])] = origin  # a section this --set created is its own source
-        node = child
-    node[path[-1]] = value
-    sources[".".join(path)] = origin
-    if isinstance(value, dict):
-        _record(value, origin, sources, ".".join(path) + ".")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,7 +382,7 @@ def _convert(value: Any, tp: Any, key: str, sources: Sources) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _fail(key, sources, f"expected a mapping of settings, got {show(value)}")
-        return _build(tp, value, sources, key + ".")
+        return build_section(tp, value, sources, key + ".")
     if tp is bool:
         if not isinstance(value, bool):
             raise _fail(key, sources, f"expected true or false, got {show(value)}")
@@ -547,7 +415,8 @@ def _check_range(value: Any, f: dataclasses.Field, key: str, sources: Sources) -
         raise _fail(key, sources, f"must be <= {hi}, got {show(value)}")
 
 
-def _build(cls: type, data: dict[str, Any], sources: Sources, prefix: str = "") -> Any:
+def build_section(cls: type, data: dict[str, Any], sources: Sources, prefix: str = "") -> Any:
+    """The schema dataclass `cls` (such as `DataCfg`) from a mapping, each value converted and range-checked."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -598,18 +467,43 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
             f"'onecycle' needs a warm-up of at least 2 epochs (torch's OneCycleLR divides by warm-up − 1), got {sched.warmup_epochs}")
     if recipe.kind == "kd":
         require(recipe.teacher.arch is not None, "teacher.arch", "kind 'kd' needs a teacher architecture")
-        require(recipe.loss.name in ("gkl", "ikl", "kd", "jsd", "dkd", "ce"), "loss.name", f"{recipe.loss.name!r} is not a distillation loss")
-    else:
-        require(recipe.loss.name in ("gkl", "ikl", "dkl", "trades"), "loss.name", f"{recipe.loss.name!r} is not an adversarial-training loss")
+    _check_loss(recipe, sources)
+
+
+def _check_loss(recipe: Recipe, sources: Sources) -> None:
+    """The loss names through the registry, and no loss setting that the chosen loss does not read:
+    a value that changes nothing would still change the run key and mislead whoever reads the recipe."""
+    from gklcli.losses import KINDS, LOSS_SETTINGS, get_loss
+
+    def registered(name: str, kind: str, key: str) -> Any:
+        try:
+            return get_loss(name, kind)
+        except ValueError as error:
+            raise _fail(key, sources, str(error)) from None
+
+    kind = recipe.kind
+    entry = registered(recipe.loss.name, kind, "loss.name")
+    if kind == "at":
+        registered(recipe.attack.loss, "attack", "attack.loss")
+    used = entry.settings(kind, recipe.loss.weights)
+    name_origin = sources.get("loss.name")
+    for key in LOSS_SETTINGS:
+        origin = sources.get(f"loss.{key}")
+        # refused when written beside the loss choice or on the command line; a value inherited from a base
+        # recipe written for another loss (a KD row extending the GKL recipe) is that base's business
+        chosen_here = origin is not None and (origin.startswith("--set") or name_origin is None or origin == name_origin)
+        if chosen_here and key not in used and getattr(recipe.loss, key) != getattr(LossCfg(), key):
+            raise _fail(f"loss.{key}", sources, f"does nothing for the {KINDS[kind]} loss {recipe.loss.name!r} "
+                        f"(it reads {', '.join(used) or 'no loss settings'}); remove it")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge, override and validate a recipe file into a `Recipe`."""
     sources: Sources = {}
-    tree = _load_tree(Path(path), sources, ())
+    tree = load_tree(Path(path), sources, ())
     for text in overrides:
-        _apply_override(tree, text, sources)
-    recipe = _build(Recipe, tree, sources)
+        apply_override(tree, text, sources)
+    recipe = build_section(Recipe, tree, sources)
     if recipe.meta.name is None:
         recipe.meta.name = Path(path).stem
         sources.setdefault("meta.name", f"{path} (its file name)")

@@ -45,7 +45,6 @@ KD_METRIC = re.compile(r"^(top1|top5|many|medium|few|s_iter|teacher_top1|ood:ima
 # rather than the last epoch's; many/medium/few/top5@best are those of the epoch with the best top-1
 KD_BEST = re.compile(r"^(top1|top5|many|medium|few)@best$")
 MEAN = re.compile(r"^mean\((.+)\)$")
-OOD_SETS = ("imagenet-r", "imagenet-sketch")
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,6 @@ class RunSpec:
 
     recipe: str
     overrides: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        return self.recipe + "".join(f" --set {o}" for o in self.overrides)
 
 
 @dataclass
@@ -176,6 +172,20 @@ _TABLE_KEYS = {"name", "paper", "title", "columns", "metrics", "metric", "column
                "includes", "figures"}
 
 
+def _metric_columns(r: _Reader, data: dict[str, Any], columns: list[str]) -> list[str]:
+    """The numeric columns that a table-level `metric:` fills: those of `column_recipes`, else the last
+    columns, as many as the first row has `paper` numbers (text columns come first)."""
+    stems = r.get(data, "column_recipes", "", dict, {})
+    if stems:
+        return [c for c in columns if c in stems]
+    rows = r.get(data, "rows", "", list, [])
+    paper = rows[0].get("paper") if rows and isinstance(rows[0], dict) else None
+    if not isinstance(paper, list) or not 0 < len(paper) <= len(columns):
+        raise r.fail("metric", "a table-level metric needs column_recipes, or a first row whose `paper` list gives "
+                     "the number of numeric columns")
+    return columns[len(columns) - len(paper):]
+
+
 def _column_metrics(r: _Reader, data: dict[str, Any], columns: list[str], where: str) -> dict[str, str]:
     """`metrics: {column: metric}` and/or `metric: m` (every numeric column) of a table or a row."""
     mapping = dict(r.get(data, "metrics", where, dict, {}))
@@ -254,7 +264,8 @@ def parse_table(path: Path) -> Table:
     columns = [str(c) for c in r.get(data, "columns", "", list, [])]
     metrics = _column_metrics(r, data, columns, "")
     if "metric" in data:
-        metrics = {c: r.metric(data["metric"], "metric") for c in columns if c in r.get(data, "column_recipes", "", dict, {})}
+        metric = r.metric(data["metric"], "metric")
+        metrics = {c: metric for c in _metric_columns(r, data, columns)} | metrics
     numeric = [c for c in columns if c in metrics]
     stems = r.get(data, "column_recipes", "", dict, {})
     ctx = {"text": [c for c in columns if c not in metrics], "numeric": numeric, "metrics": metrics, "column_recipes": stems}

@@ -24,6 +24,6 @@ device = "cpu" if os.environ.get("GKL_DDP_DEVICE", "cpu") == "cpu" else f"cuda:{
 engine = Engine(recipe, AdversarialStep, out_dir=out / "run", quiet=True, device=device)
 engine.fit()
 rank = dist.get_rank()
-torch.save({"prior": engine.step.prior.prior, "model": engine.module.state_dict(), "world": dist.get_world_size(),
+torch.save({"prior": engine.step.term.matrix, "model": engine.module.state_dict(), "world": dist.get_world_size(),
             "backend": dist.get_backend(), "device": str(engine.env.device)}, out / f"rank{rank}.pt")
 dist.destroy_process_group()

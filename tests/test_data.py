@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gklcli.data import (
-    EpochBatchSampler,
-    TrainView,
-    load_npz,
-    make_synthetic,
-    sample_seed,
-    split_validation,
-)
+from gklcli.data import TrainView, load_npz, make_synthetic, split_validation
 from gklcli.errors import GKLError
+from gklcli.sampling import EpochBatchSampler, sample_seed
 
 
 def _write_npz(path, n=50, compressed=False, **overrides):
@@ -176,3 +170,44 @@ def test_long_tailed_synthetic_follows_the_exponential_profile():
     assert np.bincount(make_synthetic(400, 10, 8, 0, "train").labels).tolist() == [40] * 10
     # every split name draws its own images from the same class templates
     assert not np.array_equal(make_synthetic(32, 10, 8, 0, "test").images, make_synthetic(32, 10, 8, 0, "ood1").images)
+
+
+def test_dataset_facts_are_one_table_read_by_the_models_and_plans():
+    import subprocess
+    import sys
+
+    from gklcli.datasets import DATASETS, facts
+    from gklcli.models.registry import CIFAR10_STATS, CIFAR100_STATS, IMAGENET_STATS, MDISTILLER_CIFAR100_STATS
+
+    assert {n: (f.classes, f.train, f.test, f.image_size) for n, f in DATASETS.items()} == {
+        "cifar10": (10, 50000, 10000, 32), "cifar100": (100, 50000, 10000, 32), "imagenet": (1000, 1281167, 50000, 224),
+        "imagenet-lt": (1000, 115846, 50000, 224), "digits": (10, 1397, 400, 16)}
+    assert (CIFAR10_STATS, CIFAR100_STATS, IMAGENET_STATS) == tuple(facts(n).stats for n in ("cifar10", "cifar100", "imagenet"))
+    assert MDISTILLER_CIFAR100_STATS != CIFAR100_STATS and facts("digits").stats is None
+    with pytest.raises(GKLError, match=r"'npz'.*known: cifar10, cifar100, imagenet, imagenet-lt, digits"):
+        facts("npz")
+    code = "import sys, gklcli.datasets; sys.exit('torch' in sys.modules)"  # the recipe/plan layer imports it
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_load_test_set_is_what_training_and_eval_aa_read(tmp_path):
+    from gklcli.data import build_data, load_test_set
+    from gklcli.evaluate import load_eval_data
+    from gklcli.loading import LoadedModel
+    from gklcli.recipes import DataCfg, SyntheticCfg
+
+    syn = SyntheticCfg(num_train=64, num_test=24, num_classes=4, image_size=8, seed=3)
+    cfg = DataCfg(dataset="synthetic", synthetic=syn, val_size=8)
+    source = load_test_set(cfg)
+    assert np.array_equal(source.images, build_data(cfg).test.images) and len(source) == 24
+    loaded = LoadedModel(torch.nn.Identity(), None, 4, "gkl", None, None, "synthetic", None,
+                         {"recipe": {"data": {"synthetic": vars(syn)}}, "image_size": 8})
+    x, y, name = load_eval_data(None, loaded, None, 10)
+    assert name == "synthetic" and torch.equal(y, torch.from_numpy(source.labels[:10]))
+    assert torch.equal(x, torch.from_numpy(source.images[:10]).permute(0, 3, 1, 2).float() / 255)
+    arrays = _write_npz(tmp_path / "t.npz", n=12)
+    npz = DataCfg(dataset="npz", path=str(tmp_path / "t.npz"), test_path=str(tmp_path / "t.npz"))
+    np.testing.assert_array_equal(load_test_set(npz, num_classes=5).labels, arrays["label"])
+    assert load_test_set(DataCfg(dataset="npz", path=str(tmp_path / "t.npz"))) is None  # no data.test_path
+    with pytest.raises(GKLError, match="holds 0 test images"):
+        load_eval_data("npz:", loaded, None, 10)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gklcli.data import DIGITS_SIZES, build_data, digits_split, load_digits, train_set_sizes
+from gklcli.data import build_data, digits_split, load_digits, train_set_sizes
+from gklcli.datasets import facts
 from gklcli.errors import GKLError
 from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.train.at import train_at
@@ -26,7 +27,7 @@ def test_loader_shapes_channels_labels_and_fixed_disjoint_split():
 
     raw = sklearn_digits()
     train_idx, test_idx = digits_split(raw.target)
-    assert (len(train_idx), len(test_idx)) == DIGITS_SIZES[:2] == (1397, 400)
+    assert (len(train_idx), len(test_idx)) == (facts("digits").train, facts("digits").test) == (1397, 400)
     assert not set(train_idx) & set(test_idx) and len(train_idx) + len(test_idx) == len(raw.target) == 1797
     again = digits_split(raw.target)
     assert np.array_equal(again[0], train_idx) and np.array_equal(again[1], test_idx)

@@ -18,7 +18,8 @@ from gklcli.errors import GKLError
 from gklcli.models import create_model
 from gklcli.recipes import RECIPES_DIR, bundled_recipes, load_recipe
 from gklcli.train.engine import Engine
-from gklcli.train.kd import DistillStep, evaluate_topk, jsd, load_teacher, shot_groups, train_distill, warmup_factor
+from gklcli.losses import jsd
+from gklcli.train.kd import DistillStep, evaluate_topk, load_teacher, shot_groups, train_distill, warmup_factor
 
 KD_RECIPES = [p.relative_to(RECIPES_DIR).as_posix() for p in bundled_recipes() if load_recipe(p).kind == "kd"]
 
@@ -101,8 +102,8 @@ def test_teacher_prior_equals_a_hand_computation(teacher_file, tmp_path, device)
             probs = F.softmax(teacher(images.double() / 255) / 4.0, dim=1)  # T2 = 4
             sums.index_add_(0, y, probs)
     expected = sums / sums.sum(1, keepdim=True)
-    assert step.prior.prior.device == engine.env.device
-    torch.testing.assert_close(step.prior.prior.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+    assert step.term.matrix.device == engine.env.device
+    torch.testing.assert_close(step.term.matrix.double().cpu(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_many_medium_few_split_and_accuracy_by_hand():

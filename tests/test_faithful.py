@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gklcli.data import EpochBatchSampler, TrainView, _SeededTransform, make_synthetic
+from gklcli.data import TrainView, _SeededTransform, make_synthetic
+from gklcli.sampling import EpochBatchSampler
 from gklcli.errors import GKLError
 from gklcli.models import GhostBatchNorm2d, bn_momentum, create_model, use_ghost_batch_norm
 from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.train.at import AdversarialStep, train_at
-from gklcli.train.engine import Engine, Interrupted, parameter_groups
-from gklcli.train.plan import build_plan
+from gklcli.train.build import parameter_groups
+from gklcli.train.engine import Engine, Interrupted
+from gklcli.train.preview import run_preview
 from tests_helpers import TINY_OVERRIDES, run_cli
 
 
@@ -100,7 +102,7 @@ def test_dry_run_plan_and_the_run_take_the_same_number_of_steps(tmp_path, capsys
     engine = Engine(recipe, AdversarialStep, out_dir=tmp_path / "run", quiet=True, device="cpu")
     engine.sampler.set_epoch(1)
     ran = len(list(engine.sampler))
-    plan = build_plan(recipe)
+    plan = run_preview(recipe)
     assert plan["steps_per_epoch"] == engine.steps_per_epoch == ran == 6  # ceil(112 / 20): the whole base set
     assert (plan["real_per_batch"], plan["generated_per_batch"]) == (6, 14)
     sets = sum((["--set", s] for s in [*TINY_OVERRIDES, "model.bn_group_size=null", "data.batch_size=20", "schedule.epochs=3",

@@ -93,7 +93,7 @@ def test_multiple_bases_apply_in_order(tmp_path):
         ("data: {dataset: npz}\n", r"data\.path: dataset 'npz' needs data\.path"),
         ("schedule: {lr_schedule: multistep}\n", r"schedule\.milestones: 'multistep' needs milestones"),
         ("kind: kd\n", r"teacher\.arch: kind 'kd' needs a teacher architecture"),
-        ("loss: {name: kd}\n", r"loss\.name: 'kd' is not an adversarial-training loss"),
+        ("loss: {name: kd}\n", r"loss\.name: unknown adversarial-training loss 'kd'; use one of gkl, ikl, dkl, trades"),
         ("- a\n- b\n", r"x\.yaml: a recipe must be a YAML mapping, got list"),
         ("loss: {alpha: [1\n", r"x\.yaml: line \d+: invalid YAML"),
         ("a: !!python/object/apply:os.system ['true']\n", r"x\.yaml:.*invalid YAML"),

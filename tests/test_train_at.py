@@ -142,7 +142,7 @@ def test_prior_is_fed_by_the_clean_basic_view_only(tmp_path, device):
     step.begin_epoch(1)
     batch = next(iter(engine._train_loader(1, 0)))
     step.compute(batch, 1)
-    assert step.prior._count.sum() == len(batch[0])  # 16 basic images, not 32
+    assert step.term.prior._count.sum() == len(batch[0])  # 16 basic images, not 32
     # hand computation: the same train-mode clean forward of both views, basic half, softmax(o/τ)
     model = engine.module
     x = (torch.cat([batch[0], batch[1]]).float() / 255).to(device)
@@ -150,7 +150,7 @@ def test_prior_is_fed_by_the_clean_basic_view_only(tmp_path, device):
         logits = model(x)[: len(batch[0])]
     expected = torch.zeros(4, 4, dtype=torch.float64)
     expected.index_add_(0, batch[2], torch.softmax(logits / 4, dim=1).double().cpu())
-    torch.testing.assert_close(step.prior._sum.cpu(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(step.term.prior._sum.cpu(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_dry_run_prints_plan_without_training(tmp_path, capsys):

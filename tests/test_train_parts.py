@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gklcli.attacks import attack_plan, bn_mode, ce_attack_loss, pgd_linf
+from gklcli.attacks import epoch_attack, bn_mode, ce_attack_loss, pgd_linf
 from gklcli.recipes import AttackCfg, OptimCfg, ScheduleCfg
 from gklcli.train.averaging import EpochAverage, StepEMA
 from gklcli.train.awp import AWP
@@ -51,7 +51,7 @@ def official_if_chain(epoch: int, epochs: int):
 def test_official_schedule_is_what_the_if_chain_executes(epochs):
     cfg = AttackCfg(schedule="official")
     for epoch in range(1, epochs + 1):
-        plan = attack_plan(cfg, epoch, epochs)
+        plan = epoch_attack(cfg, epoch, epochs)
         eps, iters, step = official_if_chain(epoch, epochs)
         assert plan.steps == iters == 5
         assert plan.eps == pytest.approx(eps, rel=1e-15) and plan.step_size == pytest.approx(step, rel=1e-15)
@@ -61,14 +61,14 @@ def test_staged_schedule_boundaries():
     cfg = AttackCfg(schedule="staged")
     expect = {1: (2, 1.0), 50: (2, 1.0), 51: (3, 2 / 3), 100: (3, 2 / 3), 101: (4, 0.5), 150: (4, 0.5), 151: (5, 0.5), 200: (5, 0.5)}
     for epoch, (steps, frac) in expect.items():
-        plan = attack_plan(cfg, epoch, 200)
+        plan = epoch_attack(cfg, epoch, 200)
         assert plan.steps == steps
         assert plan.eps == pytest.approx(EPS * epoch / 200) and plan.step_size == pytest.approx(frac * EPS * epoch / 200)
-    assert attack_plan(cfg, 25, 100).steps == 2 and attack_plan(cfg, 26, 100).steps == 3  # scaled by epochs/200
+    assert epoch_attack(cfg, 25, 100).steps == 2 and epoch_attack(cfg, 26, 100).steps == 3  # scaled by epochs/200
 
 
 def test_fixed_schedule_without_ramp():
-    plan = attack_plan(AttackCfg(schedule="fixed", steps=10, step_size=2 / 255, eps_ramp=False), 3, 400)
+    plan = epoch_attack(AttackCfg(schedule="fixed", steps=10, step_size=2 / 255, eps_ramp=False), 3, 400)
     assert (plan.eps, plan.steps, plan.step_size) == (EPS, 10, 2 / 255)
 
 

@@ -14,16 +14,18 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from gklcli.datasets import facts
 from gklcli.errors import GKLError
 
 Stats = tuple[Sequence[float], Sequence[float]]
 
-# Dataset statistics. RobustBench's DMWideResNet constants differ in the last digits from the ones
-# mdistiller normalises CIFAR-100 with; each family uses the constants of the code it must match.
-CIFAR10_STATS: Stats = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
-CIFAR100_STATS: Stats = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+# Input normalisation. The dataset statistics live in `gklcli.datasets` (RobustBench's constants for
+# CIFAR); mdistiller normalises CIFAR-100 with constants that differ in the last digits, and each
+# family uses the constants of the code it must match.
+CIFAR10_STATS: Stats = facts("cifar10").stats
+CIFAR100_STATS: Stats = facts("cifar100").stats
 MDISTILLER_CIFAR100_STATS: Stats = ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
-IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_STATS: Stats = facts("imagenet").stats
 
 
 def register_input_norm(module: nn.Module, stats: Stats | None) -> None:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gklcli.attacks import AttackPlan, accuracy_counts, attack_plan, ce_attack_loss, cw_margin_loss, pgd_linf
+from gklcli.attacks import EpochAttack, accuracy_counts, epoch_attack, ce_attack_loss, cw_margin_loss, pgd_linf
 from gklcli.data import to_float
-from gklcli.losses import ClassPrior, GKLTerms, dkl_terms, gkl_terms, kl_div, soft_cross_entropy
+from gklcli.losses import GKLTerms, LossTerm
 from gklcli.train.awp import AWP
 from gklcli.distributed import all_reduce_sum
 from gklcli.train.engine import Context, StepResult
@@ -39,49 +39,20 @@ class AdversarialStep:
         r = ctx.recipe
         self.ctx, self.loss_cfg, self.attack_cfg = ctx, r.loss, r.attack
         self.device = ctx.env.device
-        uses_prior = r.loss.name in ("gkl", "ikl") and r.loss.weights == "class"
-        self.prior = ClassPrior(ctx.num_classes, r.loss.prior_temperature, self.device) if uses_prior else None
+        self.term = LossTerm(r.loss.name, "at", r.loss, ctx.num_classes, self.device)
+        # the attack shares the training term's class prior (official GKL-AT on CIFAR-100)
+        self.attack_loss = self.term.attack(r.attack.loss)
         self.awp = AWP(ctx.module, r.awp.gamma) if r.awp.enabled else None
         self.awp_on = False
         self.two_view = r.data.augment == "autoaug"
         self.selection_metric = "val_pgd" if r.eval.select == "pgd" and r.eval.pgd_steps > 0 else "val_clean"
-        self.plan = AttackPlan(0.0, 0, 0.0)
+        self.epoch_attack = EpochAttack(0.0, 0, 0.0)
 
     # ------------------------------------------------------------------------------ the losses
 
-    def _class_prior(self) -> Optional[Tensor]:
-        return self.prior.prior if self.prior is not None else None
-
     def robust_terms(self, logits_adv: Tensor, logits_nat: Tensor, targets: Tensor) -> GKLTerms:
         """The robust term of the training loss, split for logging (TRADES: all in `ce`)."""
-        c = self.loss_cfg
-        if c.name == "trades":
-            return GKLTerms(logits_adv.new_zeros(()), c.trades_beta * kl_div(logits_adv, logits_nat))
-        if c.name == "dkl":
-            return dkl_terms(logits_adv, logits_nat, alpha=c.alpha, beta=c.beta)
-        ikl = c.name == "ikl"
-        return gkl_terms(
-            logits_adv,
-            logits_nat,
-            alpha=c.alpha,
-            beta=c.beta,
-            gamma=1.0 if ikl else c.gamma,
-            temperature=c.temperature,
-            targets=targets,
-            class_prior=self._class_prior(),
-            weight_temperature=c.weight_temperature,
-            normalization="batch" if ikl else c.normalization,
-        )
-
-    def attack_loss(self, logits_adv: Tensor, logits_nat: Tensor, targets: Tensor) -> Tensor:
-        name = self.attack_cfg.loss
-        if name == "gkl":  # official C-100: α = β = γ = 1 with the training prior (or sample weights)
-            return gkl_terms(logits_adv, logits_nat, alpha=1.0, beta=1.0, targets=targets, class_prior=self._class_prior()).total
-        if name == "sce":
-            return soft_cross_entropy(logits_adv, logits_nat)
-        if name == "kl":
-            return kl_div(logits_adv, logits_nat)
-        return ce_attack_loss(logits_adv, logits_nat, targets)
+        return self.term(logits_adv, logits_nat, targets)
 
     def training_loss(
         self, forward: Callable[[Tensor], Tensor], x: Tensor, x_adv: Tensor, targets: Tensor
@@ -105,7 +76,7 @@ class AdversarialStep:
             terms = self.robust_terms(logits_adv, logits_nat, targets)
         loss = ce + terms.total
         metrics = {"loss": loss.detach(), "ce": ce.detach(), "robust": terms.total.detach()}
-        if c.name not in ("trades",):
+        if c.name != "trades":
             metrics.update(wmse=terms.wmse.detach(), sce=terms.ce.detach())
         return loss, metrics, logits_nat, logits_adv
 
@@ -113,9 +84,9 @@ class AdversarialStep:
 
     def begin_epoch(self, epoch: int) -> dict[str, float]:
         r = self.ctx.recipe
-        self.plan = attack_plan(r.attack, epoch, r.schedule.epochs)
+        self.epoch_attack = epoch_attack(r.attack, epoch, r.schedule.epochs)
         self.awp_on = self.awp is not None and epoch >= r.awp.warmup_epochs
-        return {"eps": self.plan.eps, "attack_steps": float(self.plan.steps), "attack_step_size": self.plan.step_size, "awp": float(self.awp_on)}
+        return {"eps": self.epoch_attack.eps, "attack_steps": float(self.epoch_attack.steps), "attack_step_size": self.epoch_attack.step_size, "awp": float(self.awp_on)}
 
     def _inputs(self, batch: Any) -> tuple[Tensor, Tensor, int]:
         """Float images on the device, targets, and the size of the basic view."""
@@ -132,8 +103,8 @@ class AdversarialStep:
         ctx, a = self.ctx, self.attack_cfg
         x, y, n_basic = self._inputs(batch)
         x_adv = pgd_linf(
-            ctx.attack_model, x, y, self.attack_loss, eps=self.plan.eps, step_size=self.plan.step_size,
-            steps=self.plan.steps, init=a.init, init_std=a.init_std, mode=a.bn_mode, autocast=ctx.autocast,
+            ctx.attack_model, x, y, self.attack_loss, eps=self.epoch_attack.eps, step_size=self.epoch_attack.step_size,
+            steps=self.epoch_attack.steps, init=a.init, init_std=a.init_std, mode=a.bn_mode, autocast=ctx.autocast,
         )
         ctx.model.train()
         diff = None
@@ -141,8 +112,7 @@ class AdversarialStep:
             diff = self.awp.direction(lambda fwd: self.training_loss(fwd, x, x_adv, y)[0])
             self.awp.perturb(diff)
         loss, metrics, logits_nat, logits_adv = self.training_loss(ctx.model, x, x_adv, y)
-        if self.prior is not None:
-            self.prior.update(logits_nat[:n_basic].detach(), y[:n_basic])
+        self.term.update(logits_nat[:n_basic].detach(), y[:n_basic])
         n = len(y)
         metrics["acc_nat"] = 100.0 * accuracy_counts(logits_nat, y) / n
         metrics["acc_adv"] = 100.0 * accuracy_counts(logits_adv, y) / n
@@ -155,8 +125,7 @@ class AdversarialStep:
         return StepResult(loss, metrics, n, before, after)
 
     def end_epoch(self, epoch: int) -> None:
-        if self.prior is not None:
-            self.prior.end_epoch()
+        self.term.end_epoch()
 
     def evaluate(self, model: nn.Module, loader: Any, prefix: str) -> dict[str, float]:
         """Clean accuracy and PGD accuracy (CE or CW loss, uniform start; eval.* settings) in %."""
@@ -182,11 +151,10 @@ class AdversarialStep:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prior": self.prior.state_dict() if self.prior is not None else None}
+        return self.term.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.prior is not None and state.get("prior") is not None:
-            self.prior.load_state_dict(state["prior"])
+        self.term.load_state_dict(state)
 
 
 def train_at(recipe: Any, **kwargs: Any) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 The engine owns everything that is not the loss: data order, model construction (DDP, SyncBN,
 channels_last, torch.compile), the optimizer and lr schedule, weight averaging, checkpoints and
 resume, validation and model selection, metrics, progress, and the end-of-run test evaluation.
+What needs none of the engine's state lives beside it: `build` (model and optimizer construction),
+`meters` (the epoch's sums), `resume` (what a resume refuses), `results` (what a finished run
+reports) and `signals` (the stop-request handlers).
 
 Resume guarantee: a checkpoint holds the model, optimizer, averaged weights, the step's state
 (class prior …), every RNG state, the meters of the current epoch and the position in the epoch's
@@ -14,11 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import platform
+import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -27,26 +29,35 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from gklcli import __version__
-from gklcli.data import DataBundle, TrainView, build_data, make_batch_sampler, make_eval_loader, make_train_loader
+from gklcli.data import DataBundle, TrainView, build_data, make_eval_loader, make_train_loader
+from gklcli.sampling import make_batch_sampler
 from gklcli.errors import GKLError
-from gklcli.models import bn_momentum, create_model, get_spec, use_ghost_batch_norm
+from gklcli.models import bn_momentum, get_spec
 from gklcli.recipes import Recipe
 from gklcli import checkpoint as ckpt
 from gklcli.train.averaging import make_averager
+from gklcli.train.build import build_model, configure_determinism, make_optimizer
 from gklcli.distributed import (
-    DistEnv, all_equal, all_reduce_sum, barrier, broadcast_buffers, broadcast_flag, init_distributed,
+    DistEnv, all_equal, barrier, broadcast_buffers, broadcast_flag, device_name, init_distributed,
 )
 from gklcli.train.logger import EpochProgress, MetricsLog, plot_curves
+from gklcli.train.meters import Meters
+from gklcli.train.results import add_test_best, epoch_line, run_results, write_results
+from gklcli.train.resume import check_resumable, read_training_checkpoint
 from gklcli.train.schedule import learning_rate, momentum
+from gklcli.train.signals import install_signal_handlers, restore_signal_handlers
 
-# Settings that may change between an interrupted run and its resume: they do not touch the maths.
-RESUME_SAFE = ("output.", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
-               "train.log_every_steps", "train.save_every_steps", "eval.final_test", "eval.n_test", "meta.")
+# The files a run writes in its output folder: their presence is what --resume/--overwrite are asked about.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "results.json", "summary.md", "curves.png", "recipe.yaml")
 
 
 class Interrupted(Exception):
-    """Training stopped on request (SIGTERM/SIGINT or `interrupt_after_steps`) after a checkpoint."""
+    """Training stopped on request (SIGTERM/SIGINT/SIGUSR2 or `interrupt_after_steps`) after a checkpoint;
+    `signal` names the signal (None for `interrupt_after_steps`)."""
+
+    def __init__(self, message: str, signal: Optional[str] = None):
+        super().__init__(message)
+        self.signal = signal
 
 
 @dataclass
@@ -93,98 +104,11 @@ class Context:
     class_counts: Optional[Tensor] = None  # training images per class (ImageNet-LT groups)
 
 
-@dataclass
-class Meters:
-    """Sums over the current epoch (saved in mid-epoch checkpoints for exact epoch metrics)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    seconds: float = 0.0
-    steps: int = 0
-
-    def add(self, metrics: dict[str, Tensor | float], n: int) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
-        self.count += n
-        self.steps += 1
-
-    def means(self, device: torch.device) -> dict[str, float]:
-        keys = sorted(self.sums)
-        totals = all_reduce_sum([self.sums[k] for k in keys] + [float(self.count)], device)
-        n = max(totals[-1], 1.0)
-        return {k: v / n for k, v in zip(keys, totals[:-1])}
-
-
-def parameter_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
-    """SGD parameter groups: BatchNorm weights and biases without weight decay when
-    `optim.bn_weight_decay` is false (DM-AT's `group_weight`: no decay for 'batchnorm' parameters)."""
-    if opt.bn_weight_decay:
-        return [{"params": list(module.parameters())}]
-    bn = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters(recurse=False)}
-    params = list(module.parameters())
-    return [{"params": [p for p in params if id(p) not in bn]}, {"params": [p for p in params if id(p) in bn], "weight_decay": 0.0}]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def input_norm(module: nn.Module) -> Optional[dict[str, list[float]]]:
     mean, std = getattr(module, "mean", None), getattr(module, "std", None)
     if mean is None or std is None:
         return None
     return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
-
-
-def configure_determinism(recipe: Recipe, env: DistEnv) -> None:
-    """Seed torch and ask for deterministic kernels where the recipe wants them."""
-    torch.manual_seed(recipe.train.seed + env.rank)
-    if recipe.train.deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-TRAIN_STATE_KEYS = ("raw_model", "optimizer", "averager", "step", "rng", "epoch", "batch", "global_step", "meters", "best",
-                    "finished", "world_size")
-
-
-def read_training_checkpoint(path: Path) -> dict[str, Any]:
-    """last.pt, checked to hold everything a resume reads, so a damaged or foreign file is one line."""
-    saved = ckpt.load_file(path)
-    if not isinstance(saved, dict) or saved.get("format") != ckpt.FORMAT:
-        found = f"a {type(saved).__name__}" if not isinstance(saved, dict) else "a dict without gkl's format mark"
-        raise GKLError(f"{path}: not a gkl training checkpoint ({found}); use a new --out, or --overwrite to start over")
-    state = saved.get("train_state")
-    missing = [k for k in ("recipe", "train_state") if not isinstance(saved.get(k), dict)]
-    missing += [f"train_state.{k}" for k in TRAIN_STATE_KEYS if isinstance(state, dict) and k not in state]
-    if missing:
-        raise GKLError(f"{path}: a damaged gkl checkpoint (missing {', '.join(missing[:4])}); it cannot be resumed: "
-                       "use a new --out, or --overwrite to start over")
-    return saved
-
-
-def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, ignoring settings that are safe to change on resume."""
-    a, b = _flatten(saved), _flatten(current)
-    keys = sorted(set(a) | set(b))
-    # with per-epoch test evaluations the best so far depends on the test images evaluated
-    unsafe = {"eval.n_test"} if b.get("eval.test_every_epochs") else set()
-    return [k for k in keys if a.get(k) != b.get(k) and (k in unsafe or not k.startswith(RESUME_SAFE))]
 
 
 class Engine:
@@ -210,11 +134,8 @@ class Engine:
         configure_determinism(recipe, self.env)
         self.data: DataBundle = build_data(recipe.data, data_dir, recipe.model.num_classes)
         self.num_classes = self.data.num_classes
-        self._build_model()
-        opt = recipe.optim
-        self.optimizer = torch.optim.SGD(
-            parameter_groups(self.module, opt), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
-        )
+        self.module, self.model, self.attack_model = build_model(recipe, self.num_classes, self.env)
+        self.optimizer = make_optimizer(self.module, recipe.optim)
         self.averager = make_averager(recipe.ema, self.module)
         self.eval_module = copy.deepcopy(self.module) if self.averager is not None else self.module
         amp = recipe.train.amp == "bf16"
@@ -240,36 +161,6 @@ class Engine:
         self._stop_requested: str | bool = False
 
     # ----------------------------------------------------------------------------------- set-up
-
-    def _build_model(self) -> None:
-        cfg = self.recipe.model
-        module = create_model(cfg.arch, self.num_classes)
-        if cfg.bn_group_size:
-            use_ghost_batch_norm(module, self._bn_groups())
-        if cfg.sync_bn and self.env.distributed:
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        module = module.to(self.env.device)
-        if cfg.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        self.module = module
-        model: nn.Module = module
-        if self.env.distributed:
-            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(module, device_ids=ids)  # rank 0's BN buffers each forward
-        self.attack_model = module
-        if self.recipe.train.compile:
-            model = torch.compile(model)
-            self.attack_model = torch.compile(module)
-        self.model = model
-
-    def _bn_groups(self) -> int:
-        """Ghost-batch groups per training forward of this process (both AutoAugment views count)."""
-        r = self.recipe
-        forward = r.data.batch_size // self.env.world_size * (2 if r.data.augment == "autoaug" else 1)
-        if forward % r.model.bn_group_size:
-            raise GKLError(f"model.bn_group_size: {r.model.bn_group_size} does not divide the {forward} images each of the "
-                           f"{self.env.world_size} processes forwards")
-        return forward // r.model.bn_group_size
 
     def _build_loaders(self) -> None:
         r, d = self.recipe, self.data
@@ -355,16 +246,8 @@ class Engine:
 
     def _load(self, path: Path) -> None:
         saved = read_training_checkpoint(path)
-        diffs = recipe_differences(saved["recipe"], self.recipe.to_dict())
-        if diffs:
-            shown = ", ".join(f"{k} ({_flatten(saved['recipe']).get(k)!r} → {_flatten(self.recipe.to_dict()).get(k)!r})" for k in diffs[:3])
-            raise GKLError(f"{path}: the recipe differs from the run being resumed: {shown}; use a new --out or --overwrite")
+        check_resumable(path, saved, self.recipe.to_dict(), self.env.world_size)
         ts = saved["train_state"]
-        if ts["world_size"] != self.env.world_size and ts["batch"] != 0:
-            raise GKLError(
-                f"{path}: saved mid-epoch by {ts['world_size']} process(es); resume it with the same number "
-                f"(now {self.env.world_size}), or from an epoch-end checkpoint"
-            )
         self.module.load_state_dict(ts["raw_model"])
         self.optimizer.load_state_dict(ts["optimizer"])
         if self.averager is not None and ts["averager"] is not None:
@@ -395,6 +278,8 @@ class Engine:
             if self.main:
                 for name in present:
                     (self.out_dir / name).unlink(missing_ok=True)
+                # the old run's curves would mix with the new one's in TensorBoard
+                shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
         elif last.is_file():
             state = read_training_checkpoint(last)["train_state"]
             what = "a finished run" if state.get("finished") else f"an unfinished run (epoch {state.get('epoch')})"
@@ -450,11 +335,11 @@ class Engine:
                 if self.finished:
                     return self._finished_results()
             self._write_recipe()
-            handlers = _install_signal_handlers(self._request_stop)
+            handlers = install_signal_handlers(self._request_stop)
             try:
                 return self._loop(interrupt_after_steps)
             finally:
-                _restore_signal_handlers(handlers)
+                restore_signal_handlers(handlers)
         finally:
             self.log.close()
             if lock is not None:
@@ -520,8 +405,7 @@ class Engine:
                     reason = f"{self._stop_requested} received; " if self._stop_requested else ""
                     raise Interrupted(
                         f"{reason}stopped at epoch {epoch}, step {self.batch}/{self.steps_per_epoch}; "
-                        f"checkpoint {self.out_dir / 'last.pt'}; continue with --resume"
-                    )
+                        f"checkpoint {self.out_dir / 'last.pt'}; continue with --resume", self._stop_requested or None)
             rate = progress.end()
             self.meters.seconds += time.perf_counter() - tick
             self._end_epoch(epoch, lr, info, rate)
@@ -629,21 +513,8 @@ class Engine:
     def _finish(self) -> dict[str, Any]:
         r = self.recipe
         deploy, weights = self._deploy_state()
-        results: dict[str, Any] = {
-            "recipe": r.meta.name,
-            "table": r.meta.table,
-            "row": r.meta.row,
-            "out_dir": str(self.out_dir),
-            "epochs": r.schedule.epochs,
-            "weights": weights,
-            "selection": self.best,
-            "last": {k: v for k, v in (self.log.records[-1] if self.log.records else {}).items() if k.startswith("val_")},
-            "best": {},
-            "train_seconds": sum(rec.get("seconds", 0.0) for rec in self.log.records),
-            "device": _device_name(self.env.device),
-            "world_size": self.env.world_size,
-            "versions": {"gkl": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        }
+        results = run_results(r, self.out_dir, weights, self.best, self.log.records, device_name(self.env.device),
+                              self.env.world_size)
         best_path = self.out_dir / "best.pt"
         best_state = None
         if self.best:
@@ -657,19 +528,9 @@ class Engine:
             if best_state is not None:
                 results["best"].update(self._evaluate(self.data.test, r.eval.n_test, "test", best_state))
         if r.kind == "kd" or self.test_best:
-            # top1_last / top1_best / top1_best_epoch (distillation): the last epoch's test top-1, and the best
-            # test top-1 over epochs with its epoch (eval.test_every_epochs > 0; else null)
-            name = self.step.selection_metric.removeprefix("val_")
-            last = results["last"].get(f"test_{name}")
-            if last is None and self.log.records:
-                last = self.log.records[-1].get(f"test_{name}")
-            results[f"{name}_last"] = last
-            results[f"{name}_best"] = self.test_best.get("value")
-            results[f"{name}_best_epoch"] = self.test_best.get("epoch")
-            results["test_best"] = dict(self.test_best)  # every test metric of the best epoch
+            add_test_best(results, self.step.selection_metric, self.log.records, self.test_best)
         if self.main:  # results first: a checkpoint marked finished always has its results.json
-            ckpt.atomic_write_text(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-            ckpt.atomic_write_text(self.out_dir / "summary.md", summary_markdown(results))
+            write_results(self.out_dir, results)
         self._save_last(finished=True)
         return results
 
@@ -687,82 +548,9 @@ def run_training(recipe: Recipe, make_step: Callable[[Context], Step], *, out_di
         shutdown()
 
 
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """One compact console line per epoch (the full record is in metrics.jsonl)."""
-    parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}"]
-    if "eps" in record:
-        parts.append(f"ε {record['eps'] * 255:.2f}/255×{int(record['attack_steps'])}")
-    parts.append(f"loss {record.get('train_loss', float('nan')):.4f}")
-    for label, keys in (("train nat/adv", ("train_acc_nat", "train_acc_adv")), ("val clean/pgd", ("val_clean", "val_pgd"))):
-        values = [f"{record[k]:.1f}" for k in keys if k in record]
-        if values:
-            parts.append(f"{label if len(values) == 2 else label.split('/')[0]} {'/'.join(values)}")
-    for label, key in (("val top-1", "val_top1"), ("test top-1", "test_top1")):
-        if key in record:
-            parts.append(f"{label} {record[key]:.1f}")
-    parts.append(f"{record['img_s']:,.0f} img/s, {record['seconds']:.0f}s")
-    return " | ".join(parts)
-
-
-def summary_markdown(results: dict[str, Any]) -> str:
-    """A short human-readable report of a finished run."""
-    keys = sorted({k for part in ("last", "best") for k in results.get(part, {}) if k != "epoch"})
-    lines = [
-        f"# {results['recipe']}",
-        "",
-        f"{results['epochs']} epochs, {results['weights']} weights, {results['device']} × {results['world_size']}, "
-        f"{results['train_seconds'] / 3600:.2f} h of training.",
-        "",
-        "| model | epoch | " + " | ".join(keys) + " |",
-        "|---|---|" + "---|" * len(keys),
-    ]
-    for part in ("last", "best"):
-        row = results.get(part) or {}
-        if not row:
-            continue
-        epoch = row.get("epoch", results["epochs"] if part == "last" else "-")
-        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else "-" for k in keys]
-        lines.append(f"| {part} | {epoch} | " + " | ".join(cells) + " |")
-    test_best = results.get("test_best") or {}
-    if test_best:  # eval.test_every_epochs: the epoch with the best test value (mdistiller's protocol)
-        cells = [f"{test_best[k]:.2f}" if isinstance(test_best.get(k), float) else "-" for k in keys]
-        lines.append(f"| best test epoch | {test_best['epoch']} | " + " | ".join(cells) + " |")
-    lines += ["", "Accuracies in %. `best` is selected on the held-out validation split, never on the test set."]
-    if test_best:
-        lines.append(f"`best test epoch` is the epoch with the highest {test_best['metric']} among the per-epoch test "
-                     "evaluations (eval.test_every_epochs): mdistiller's protocol, which the paper's CIFAR-100 and ImageNet "
-                     "KD tables report; it selects on the test set, so `last` is the number that does not.")
-    lines.append("")
-    return "\n".join(lines)
-
-
 def _to_device(tree: Any, device: torch.device) -> Any:
     if isinstance(tree, Tensor):
         return tree.to(device)
     if isinstance(tree, dict):
         return {k: _to_device(v, device) for k, v in tree.items()}
     return tree
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _install_signal_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
-    """SIGTERM (cluster preemption) and SIGINT stop at the next step end with a checkpoint."""
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. inside some test runners)
-            pass
-    return previous
-
-
-def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-

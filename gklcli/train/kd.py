@@ -17,7 +17,6 @@ and ``GKL_KD.BETA`` the paper's α (wMSE). Recipes use the paper's names.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,21 +26,11 @@ from torch import Tensor, nn
 
 from gklcli.data import long_tailed, to_float
 from gklcli.errors import GKLError
-from gklcli.losses import ClassPrior, dkd_loss, gkl_terms, kl_div
+from gklcli.losses import LossTerm, get_loss
 from gklcli.distributed import all_reduce_sum
 from gklcli.train.engine import Context, StepResult
 
 LT_BOUNDS = (100, 20)  # ImageNet-LT: many > 100 training images, few < 20, medium in between
-
-
-def jsd(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """Batch-mean Jensen-Shannon divergence between softmax(t/T) and softmax(s/T) (Eq. 15)."""
-    log_p = F.log_softmax(logits_teacher.float() / temperature, dim=1)
-    log_q = F.log_softmax(logits_student.float() / temperature, dim=1)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
-    kl_qm = (log_q.exp() * (log_q - log_m)).sum(1)
-    return (0.5 * (kl_pm + kl_qm)).mean()
 
 
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:
@@ -87,8 +76,7 @@ class DistillStep:
         r = ctx.recipe
         self.ctx, self.cfg, self.teacher = ctx, r.loss, teacher
         self.device = ctx.env.device
-        uses_prior = r.loss.name in ("gkl", "ikl") and r.loss.weights == "class" and teacher is not None
-        self.prior = ClassPrior(ctx.num_classes, r.loss.weight_temperature, self.device) if uses_prior else None
+        self.term = LossTerm(r.loss.name, "kd", r.loss, ctx.num_classes, self.device)
         self.class_counts = class_counts
         self.factor = 1.0
 
@@ -98,19 +86,7 @@ class DistillStep:
 
     def distill_loss(self, s: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """The distillation term D(student, teacher) before the warm-up factor."""
-        c = self.cfg
-        if c.name == "kd":
-            return c.kd_weight * c.temperature ** 2 * kl_div(s, t, c.temperature)
-        if c.name == "jsd":
-            return c.kd_weight * jsd(s, t, c.temperature)
-        if c.name == "dkd":  # α weights TCKD and β NCKD, as in the DKD paper and mdistiller
-            return dkd_loss(s, t, y, alpha=c.alpha, beta=c.beta, temperature=c.temperature)
-        ikl = c.name == "ikl"
-        return gkl_terms(
-            s, t, alpha=c.alpha, beta=c.beta, gamma=1.0 if ikl else c.gamma, temperature=c.temperature, targets=y,
-            class_prior=self.prior.prior if self.prior is not None else None, weight_temperature=c.weight_temperature,
-            normalization="batch" if ikl else c.normalization,
-        ).total
+        return self.term(s, t, y).total
 
     def compute(self, batch: Any, epoch: int) -> StepResult:
         ctx, c = self.ctx, self.cfg
@@ -126,26 +102,24 @@ class DistillStep:
             s = ctx.model(x)
         ce = c.ce_weight * F.cross_entropy(s.float(), y, label_smoothing=c.label_smoothing)
         kd = self.factor * self.distill_loss(s, t, y) if t is not None else s.new_zeros(())
-        if self.prior is not None:
-            self.prior.update(t, y)  # softmax(teacher / T2) per class, for the next epoch
+        if t is not None:
+            self.term.update(t, y)  # softmax(teacher / T2) per class, for the next epoch
         loss = ce + kd
         acc = 100.0 * float((s.argmax(1) == y).float().mean())
         return StepResult(loss, {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": acc}, len(y))
 
     def end_epoch(self, epoch: int) -> None:
-        if self.prior is not None:
-            self.prior.end_epoch()
+        self.term.end_epoch()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, prefix: str) -> dict[str, float]:
         return evaluate_topk(model, loader, prefix, self.device, self.ctx, self.class_counts)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prior": self.prior.state_dict() if self.prior is not None else None}
+        return self.term.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.prior is not None and state.get("prior") is not None:
-            self.prior.load_state_dict(state["prior"])
+        self.term.load_state_dict(state)
 
 
 def shot_groups(class_counts: Tensor) -> dict[str, Tensor]:
@@ -190,7 +164,8 @@ def train_distill(recipe: Any, *, data_dir: Optional[str] = None, **kwargs: Any)
 
     def make_step(ctx: Context) -> DistillStep:
         # the plain-CE baseline rows of the tables train the student alone: no teacher file needed
-        teacher = None if recipe.loss.name == "ce" else load_teacher(recipe, ctx.num_classes, ctx.env.device, data_dir)
+        needs = get_loss(recipe.loss.name, "kd").needs_teacher
+        teacher = load_teacher(recipe, ctx.num_classes, ctx.env.device, data_dir) if needs else None
         return DistillStep(ctx, teacher, ctx.class_counts if long_tailed(recipe.data) else None)
 
     return run_training(recipe, make_step, data_dir=data_dir, **kwargs)

@@ -9,16 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gklcli.checkpoint import atomic_write_text
-
-
-def _runner(kind: str):
-    if kind == "at":
-        from gklcli.train.at import train_at
-
-        return train_at
-    from gklcli.train.kd import train_distill
-
-    return train_distill
+from gklcli.train import trainer
 
 
 def summarise_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -41,7 +32,7 @@ def summarise_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, 
 def run_seeds(recipe: Any, seeds: int, *, out_dir: str, data_dir: Optional[str], resume: bool, quiet: bool,
               device: Optional[str], console: Any) -> dict[str, Any]:
     """One run (seeds = 1, into `out_dir`) or `seeds` runs into `out_dir/seed<k>` plus seeds.json/.md."""
-    run = _runner(recipe.kind)
+    run = trainer(recipe.kind)
     if seeds == 1:
         return run(recipe, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=console)
     per_seed: dict[int, dict[str, Any]] = {}

@@ -1,0 +1,79 @@
+"""What the engine builds before the first step: the seeded RNG, the model with its wrappers, the optimizer.
+
+Construction is its own module because it is fixed by the recipe and the process layout alone
+(no data order, checkpoint or step state): ghost BatchNorm, SyncBN, channels_last, DDP and
+torch.compile wrap the model here, and the SGD parameter groups (no weight decay on BatchNorm
+where the recipe says so) are chosen here, so they can be built and checked without training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gklcli.distributed import DistEnv
+from gklcli.errors import GKLError
+from gklcli.models import create_model, use_ghost_batch_norm
+from gklcli.recipes import Recipe
+
+
+def configure_determinism(recipe: Recipe, env: DistEnv) -> None:
+    """Seed torch and ask for deterministic kernels where the recipe wants them."""
+    torch.manual_seed(recipe.train.seed + env.rank)
+    if recipe.train.deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def build_model(recipe: Recipe, num_classes: int, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(module, model, attack_model): the plain module on the device, the model to train (DDP-wrapped
+    and/or compiled) and the module the inner attacks run (compiled when train.compile is on)."""
+    cfg = recipe.model
+    module = create_model(cfg.arch, num_classes)
+    if cfg.bn_group_size:
+        use_ghost_batch_norm(module, bn_groups(recipe, env.world_size))
+    if cfg.sync_bn and env.distributed:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    module = module.to(env.device)
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    model: nn.Module = module
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(module, device_ids=ids)  # rank 0's BN buffers each forward
+    attack_model = module
+    if recipe.train.compile:
+        model = torch.compile(model)
+        attack_model = torch.compile(module)
+    return module, model, attack_model
+
+
+def bn_groups(recipe: Recipe, world_size: int) -> int:
+    """Ghost-batch groups per training forward of this process (both AutoAugment views count)."""
+    r = recipe
+    forward = r.data.batch_size // world_size * (2 if r.data.augment == "autoaug" else 1)
+    if forward % r.model.bn_group_size:
+        raise GKLError(f"model.bn_group_size: {r.model.bn_group_size} does not divide the {forward} images each of the "
+                       f"{world_size} processes forwards")
+    return forward // r.model.bn_group_size
+
+
+def parameter_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
+    """SGD parameter groups: BatchNorm weights and biases without weight decay when
+    `optim.bn_weight_decay` is false (DM-AT's `group_weight`: no decay for 'batchnorm' parameters)."""
+    if opt.bn_weight_decay:
+        return [{"params": list(module.parameters())}]
+    bn = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters(recurse=False)}
+    params = list(module.parameters())
+    return [{"params": [p for p in params if id(p) not in bn]}, {"params": [p for p in params if id(p) in bn], "weight_decay": 0.0}]
+
+
+def make_optimizer(module: nn.Module, opt: Any) -> torch.optim.SGD:
+    """The recipe's SGD (`optim`) over `parameter_groups(module, opt)`."""
+    return torch.optim.SGD(
+        parameter_groups(module, opt), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
+    )
