@@ -220,7 +220,7 @@ def _holder(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -259,7 +259,7 @@ class RunLock:
                     return self
                 except FileExistsError:
                     holder = _holder(self.path)
-                    stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+                    stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"])
                     if not stale:
                         who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder else "an unreadable lock"
                         raise GKLError(f"{self.path.parent}: in use by {who} since {holder.get('started', '?')} "

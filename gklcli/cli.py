@@ -167,10 +167,8 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
 
         if seeds > 1:
             raise GKLError("--seeds with --launcher: use gkl reproduce TABLE --seeds N --launcher …, which submits each seed")
-        if launch_run(resolved, Path(out_dir), data_dir, resume, launch, out) is None:
-            return
-        results = json.loads((Path(out_dir) / "results.json").read_text())
-        out.print(f"results: {out_dir}/results.json, summary: {out_dir}/summary.md")
+        if launch_run(resolved, Path(out_dir), data_dir, resume, launch, out) is not None:
+            out.print(f"results: {out_dir}/results.json, summary: {out_dir}/summary.md")
         return
     try:
         results = run_seeds(resolved, seeds, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=out)

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from gklcli.checkpoint import atomic_write_text
+from gklcli.checkpoint import atomic_write_text, read_json
 from gklcli.datasets import facts
 from gklcli.download import ByteProgress, download, mirrored, safe_extract
 from gklcli.errors import GKLError
@@ -129,15 +129,14 @@ def fetch_generated(name: str, f: Fetcher) -> Path:
         return dest
     parts = [f.get(hub_url(file), f.data_dir / "generated" / "parts" / file.replace("/", "_"), source=f"generated {name}",
                    headers=_hub_headers()) for file in GENERATED[name]]
-    for part in parts:
-        check_generated(part, classes)
+    counts = [check_generated(part, classes) for part in parts]
     if len(parts) == 1:
         os.replace(parts[0], dest)
     else:
         join_npz(parts, dest)
         for part in parts:  # the joined file holds everything; the parts would double the disk used
             part.unlink()
-    count = check_generated(dest, classes)
+    count = check_generated(dest, classes) if len(parts) > 1 else counts[0]
     f.note(f"{dest}: {count:,} generated images of {classes} classes")
     return dest
 
@@ -228,11 +227,11 @@ def fetch_robustbench(name: str, model_dir: Path, dataset: str, threat_model: st
 
 
 def write_manifest(f: Fetcher, what: str, files: list[Path]) -> None:
-    """DATA_DIR/fetched.json: what was fetched where, for `gkl data check` and for the record."""
+    """DATA_DIR/fetched.json: what was fetched where, for the record."""
     import json
 
     path = f.data_dir / "fetched.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = read_json(path) if path.is_file() else {}
     record[what] = [str(p) for p in files]
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
@@ -255,7 +254,7 @@ def check_imagenet(name: str, data_dir: Path) -> list[tuple[str, int, int]]:
     rows, problems = [], []
     for split, (load, count) in splits.items():
         source = load()
-        missing = [p for p in getattr(source, "paths", []) if not os.path.isfile(p)]
+        missing = [p for p in source.paths if not os.path.isfile(p)] if name == "imagenet-lt" else []  # a folder lists what exists
         classes = len(set(source.labels.tolist()))
         rows.append((split, len(source), count))
         if len(source) != count:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gklcli.checkpoint import atomic_write_text, read_json
+from gklcli.checkpoint import atomic_write_text, pid_alive, read_json
 from gklcli.errors import GKLError, show
 
 LAUNCHERS = ("none", "local", "slurm")
@@ -171,7 +171,7 @@ def launch_run(recipe: Any, out_dir: Path, data_dir: Optional[str], resume: bool
     folder = out_dir / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
     recipe_file = folder / "recipe.yaml"
-    recipe_file.write_text(recipe.to_yaml())
+    atomic_write_text(recipe_file, recipe.to_yaml())
     (job,) = submit(executor(folder, opts, f"gkl-{recipe.meta.name}", gpus=opts.gpus_per_run),
                     [TrainJob(recipe, out_dir, data_dir, opts.gpus_per_run, opts.launcher, recipe_file, resume=resume)], recipe.meta.name)
     book.record("train", "train", job, folder, opts.launcher, out_dir)
@@ -292,7 +292,7 @@ class JobBook:
         if (folder / f"{job_id}_0_result.pkl").is_file():
             return "failed" if _failed(folder, job_id) else "done"
         if entry["launcher"] == "local":
-            return "running" if _alive(int(job_id)) else "failed"
+            return "running" if pid_alive(int(job_id)) else "failed"
         return _slurm_state(job_id)
 
     def active(self, key: str) -> bool:
@@ -306,19 +306,10 @@ def _failed(folder: Path, job_id: str) -> bool:
     return LocalJob(folder=folder, job_id=job_id).exception() is not None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _slurm_state(job_id: str) -> str:
     import submitit
 
-    raw = submitit.SlurmJob(folder=".", job_id=job_id).state.upper()
-    return {"PENDING": "queued", "REQUEUED": "queued", "RUNNING": "running", "COMPLETING": "running",
-            "COMPLETED": "done"}.get(raw.split()[0] if raw else "", "failed" if raw not in ("UNKNOWN", "") else "unknown")
+    raw = (submitit.SlurmJob(folder=".", job_id=job_id).state or "UNKNOWN").upper().split()[0]  # sacct's state
+    if raw == "UNKNOWN":
+        return "unknown"
+    return {"PENDING": "queued", "REQUEUED": "queued", "RUNNING": "running", "COMPLETING": "running", "COMPLETED": "done"}.get(raw, "failed")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from gklcli.checkpoint import atomic_write_text
 from gklcli.launch import EvalJob, JobBook, LaunchOptions, TrainJob, executor, submit
 from gklcli.reproduce.execute import eval_config, eval_dir
 from gklcli.reproduce.plan import Job, Plan, eval_settings, find_eval
@@ -42,7 +43,7 @@ def _pending(plan: Plan, opts: LaunchOptions, book: JobBook) -> list[Pending]:
         if not trained and not book.active(job.key):
             recipe_file = plan.root / "jobs" / f"{job.key}.yaml"
             recipe_file.parent.mkdir(parents=True, exist_ok=True)
-            recipe_file.write_text(job.recipe.to_yaml())  # what torchrun's processes read (local, N GPUs)
+            atomic_write_text(recipe_file, job.recipe.to_yaml())  # what torchrun's processes read (local, N GPUs)
             items.append(Pending(job.key, "train", TrainJob(job.recipe, job.dir, plan.data_dir, opts.gpus_per_run,
                                                              opts.launcher, recipe_file), job.dir, gpus=opts.gpus_per_run))
         items += _evaluations(job, plan, opts, book, after=[] if trained else [job.key])
