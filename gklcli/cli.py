@@ -146,8 +146,9 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
 
     command = {"at": "train-at", "kd": "distill"}[kind]
     resolved = load_recipe(resolve_recipe_path(recipe), overrides)
-    if resolved.kind != kind:
-        raise GKLError(f"{recipe}: kind is {resolved.kind!r}; `gkl {command}` needs a recipe with kind: {kind}")
+    kinds = ("kd", "clip-kd") if kind == "kd" else (kind,)  # gkl distill: classification or CLIP distillation
+    if resolved.kind not in kinds:
+        raise GKLError(f"{recipe}: kind is {resolved.kind!r}; `gkl {command}` needs a recipe with kind: {' or '.join(kinds)}")
     if overwrite:
         resolved.output.overwrite = True
     if dry_run:
@@ -218,7 +219,8 @@ def distill_cmd(
     qos: Optional[str] = QOS_OPT, constraint: Optional[str] = CONSTRAINT_OPT, mem: Optional[str] = MEM_OPT,
     slurm_args: List[str] = SLURM_ARG_OPT,
 ) -> None:
-    """Knowledge distillation with GKL-KD (or IKL-KD, KD, JSD) from a frozen teacher; torchrun for DDP."""
+    """Knowledge distillation with GKL-KD (or IKL-KD, KD, JSD) from a frozen teacher, of classifiers (kind kd)
+    or CLIP models (kind clip-kd, OpenCLIP); torchrun for DDP."""
     if teacher_only:
         from gklcli.recipes import load_recipe, resolve_recipe_path
         from gklcli.train.kd import teacher_report
@@ -371,6 +373,54 @@ def export_robustbench_cmd(
               + (f", clean accuracy {report['clean_acc_recomputed']:.2f}% matches the results" if "clean_acc_recomputed" in report else ""))
     if results is None:
         out.print("[yellow]no --results: clean_acc, reported and autoattack_acc are null; run gkl eval-aa and export again with --results[/yellow]")
+
+
+@app.command("eval-zeroshot")
+def eval_zeroshot_cmd(
+    ckpt: str = typer.Argument(..., help="A gkl CLIP checkpoint (runs/…/last.pt) or open_clip:NAME:TAG_OR_FILE "
+                                         "(e.g. open_clip:ViT-L-14:datacomp_xl_s13b_b90k)."),
+    datasets: List[str] = typer.Option(["imagenet"], "--dataset", help="imagenet, imagenet-v2, imagenet-sketch, "
+                                       "imagenet-r or folder (an ImageFolder named by class); repeatable."),
+    data_dir: str = typer.Option("data", "--data-dir", help="The root holding imagenet/val, imagenet-v2, imagenet-sketch, imagenet-r."),
+    templates: str = typer.Option("openai", "--templates", help="openai (80 prompts, OpenCLIP's), simple (7), or a file of {} lines."),
+    wnids: Optional[str] = typer.Option(None, "--wnids", help="ImageNet's 1000 WordNet ids in class order (LOC_synset_mapping.txt), "
+                                        "when no ImageNet folder under --data-dir gives it (ImageNet-R alone)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    num_workers: int = typer.Option(4, "--workers", min=0),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate this many images per dataset, spread over classes."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Write results.json here."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
+) -> None:
+    """Zero-shot top-1/top-5 of a CLIP model with OpenCLIP's class names and prompts (TABLE VII)."""
+    from pathlib import Path
+
+    from gklcli.distributed import pick_device
+    from gklcli.zeroshot import zeroshot_command
+
+    results = zeroshot_command(ckpt, list(datasets), data_dir, Path(out_dir) if out_dir else None, batch_size, num_workers,
+                               pick_device(device), templates, limit, wnids=Path(wnids) if wnids else None)
+    for name, row in results.items():
+        skipped = f", {row['skipped']} unreadable image(s) skipped" if row.get("skipped") else ""
+        out.print(f"{name}: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}% on {row['n']:,} images, {row['classes']} classes{skipped}")
+    if out_dir:
+        out.print(f"results: {out_dir}/results.json")
+
+
+@app.command("export-vision-tower")
+def export_vision_tower_cmd(
+    ckpt: str = typer.Argument(..., help="A gkl CLIP checkpoint or open_clip:NAME:TAG_OR_FILE."),
+    out_dir: str = typer.Option(..., "--out", help="The folder to write (LLaVA's --vision_tower)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
+) -> None:
+    """The image tower as the transformers CLIPVisionModel folder LLaVA loads (TABLE VIII), verified by loading it back."""
+    from gklcli.models.clip import resolve_clip
+    from gklcli.vision_export import export_vision_tower
+
+    loaded = resolve_clip(ckpt)
+    report = export_vision_tower(loaded.model, loaded.image, out_dir, source=loaded.source, arch=loaded.arch, overwrite=overwrite)
+    out.print(f"wrote {out_dir} (config.json, model.safetensors, preprocessor_config.json, gkl_export.json); transformers "
+              f"image features within {report['max_abs_diff']:.2g} of OpenCLIP's")
+    out.print(f"LLaVA: {escape(report['llava_command_line'])}")
 
 
 @app.command("reproduce")

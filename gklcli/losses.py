@@ -184,9 +184,17 @@ def pairwise_wmse(s: Tensor, t: Tensor, v: Tensor, *, student_grad: bool = True)
     return _PairwiseWMSE.apply(s, t, v, student_grad)
 
 
-def _normalise(per_sample: Tensor, v: Tensor, normalization: Normalization) -> Tensor:
+def _normalise(per_sample: Tensor, v: Tensor, normalization: Normalization, across_ranks: bool = False) -> Tensor:
+    """The wMSE batch sum over Σw (or B). `across_ranks`: the rows are one process's share of a global batch
+    whose loss DDP averages, so Σw is the mean over the processes (the averaged gradient is then the global
+    batch's, as one process computing all rows would get; the weights carry no gradient)."""
     if normalization == "weights":
-        return per_sample.sum() / v.sum(dim=1).square().sum()
+        total = v.sum(dim=1).square().sum()
+        if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = total.detach().clone()
+            torch.distributed.all_reduce(total)
+            total = total / torch.distributed.get_world_size()
+        return per_sample.sum() / total
     if normalization == "batch":
         return per_sample.mean()
     raise ValueError(f"normalization must be 'weights' or 'batch', got {normalization!r}")
@@ -223,13 +231,14 @@ def gkl_terms(
     class_prior: Tensor | None = None,
     weight_temperature: float = 1.0,
     normalization: Normalization = "weights",
+    across_ranks: bool = False,
 ) -> GKLTerms:
-    """GKL (Eq. 13) as its two weighted terms; see `gkl_loss`."""
+    """GKL (Eq. 13) as its two weighted terms; see `gkl_loss` (and `_normalise` for `across_ranks`)."""
     s, t = _promote(logits_student, logits_teacher)
     v = pair_weights(
         t, gamma=gamma, targets=targets, class_prior=class_prior, weight_temperature=weight_temperature
     )
-    wmse = alpha / 4.0 * _normalise(pairwise_wmse(s, t, v), v, normalization)
+    wmse = alpha / 4.0 * _normalise(pairwise_wmse(s, t, v), v, normalization, across_ranks)
     return GKLTerms(wmse, beta * soft_cross_entropy(s, t, temperature))
 
 
@@ -418,7 +427,7 @@ def jsd(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0
 # entries. Kinds: "at" (the robust term of adversarial training), "kd" (the distillation term) and
 # "attack" (the inner maximisation of adversarial training).
 
-KINDS = {"at": "adversarial-training", "kd": "distillation", "attack": "attack"}
+KINDS = {"at": "adversarial-training", "kd": "distillation", "attack": "attack", "clip": "CLIP-distillation"}
 # how each setting is written in texts (the paper's symbols)
 SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "prior_temperature": "τ", "temperature": "T",
            "weight_temperature": "T2", "trades_beta": "β_TRADES", "kd_weight": "KD weight"}
@@ -446,7 +455,8 @@ class LossEntry(NamedTuple):
         return "prior_temperature" if kind == "at" else "weight_temperature"
 
     def uses_prior(self, kind: str, weights: str) -> bool:
-        return self.prior and weights == "class" and kind != "attack"
+        # CLIP's "classes" are the batch's captions: no class prior, its weights are sample-wise (§4.4)
+        return self.prior and weights == "class" and kind not in ("attack", "clip")
 
     def settings(self, kind: str, weights: str = "class") -> tuple[str, ...]:
         """The loss.* keys this loss reads for `kind` (with `weights` class- or sample-wise)."""
@@ -475,7 +485,8 @@ class LossEntry(NamedTuple):
 
 def _gkl(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
     return gkl_terms(s, t, alpha=c.alpha, beta=c.beta, gamma=c.gamma, temperature=c.temperature, targets=y,
-                     class_prior=prior, weight_temperature=c.weight_temperature, normalization=c.normalization)
+                     class_prior=prior, weight_temperature=c.weight_temperature, normalization=c.normalization,
+                     across_ranks=getattr(c, "across_ranks", False))
 
 
 def _ikl(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
@@ -532,23 +543,41 @@ class _Fixed:
 
 _GKL_READS = ("alpha", "beta", "gamma", "temperature", "normalization")
 LOSSES: dict[str, LossEntry] = {e.name: e for e in (
-    LossEntry("gkl", "GKL", _gkl, ("at", "kd", "attack"), _GKL_READS, prior=True, needs_targets=True,
-              note="Eq. 13: α/4·wMSE + β·soft-label CE; as an attack loss α = β = γ = 1 (official CIFAR-100)"),
+    LossEntry("gkl", "GKL", _gkl, ("at", "kd", "attack", "clip"), _GKL_READS, prior=True, needs_targets=True,
+              note="Eq. 13: α/4·wMSE + β·soft-label CE; as an attack loss α = β = γ = 1 (official CIFAR-100); "
+                   "on CLIP similarities sample-wise, both directions (§4.4)"),
     LossEntry("ikl", "IKL", _ikl, ("at", "kd"), ("alpha", "beta", "temperature"), prior=True, needs_targets=True,
               note="the conference version: γ = 1, wMSE / B"),
     LossEntry("dkl", "DKL", _dkl, ("at",), ("alpha", "beta"), note="Theorem 1 without the GKL changes"),
     LossEntry("trades", "TRADES", _trades, ("at",), ("trades_beta",), note="β_TRADES·KL(clean ‖ adversarial)"),
-    LossEntry("kd", "KD", _kd, ("kd",), ("temperature", "kd_weight"), note="Hinton's KD, ×T²"),
+    LossEntry("kd", "KD", _kd, ("kd", "clip"), ("temperature", "kd_weight"), note="Hinton's KD, ×T² (CLIP: KL-KD at t)"),
     LossEntry("jsd", "JSD", _jsd, ("kd",), ("temperature", "kd_weight"), note="Jensen-Shannon, appendix §6.6"),
     LossEntry("dkd", "DKD", _dkd, ("kd",), ("alpha", "beta", "temperature"), needs_targets=True,
               note="α·TCKD + β·NCKD (×T²), the DKD baseline"),
-    LossEntry("ce", "CE only", _ce, ("kd", "attack"), needs_targets=True, needs_teacher=False,
-              note="the labels alone: as a distillation loss the student baseline, as an attack loss Madry's PGD"),
+    LossEntry("ce", "CE only", _ce, ("kd", "attack", "clip"), needs_targets=True, needs_teacher=False,
+              note="the labels alone: as a distillation loss the student baseline (CLIP: the contrastive loss alone), "
+                   "as an attack loss Madry's PGD"),
     LossEntry("kl", "KL", _kl, ("attack",), note="KL(clean ‖ adversarial), TRADES' attack"),
     LossEntry("sce", "soft-label CE", _sce, ("attack",), note="the official CIFAR-10 attack loss"),
 )}
 LOSS_SETTINGS = tuple(dict.fromkeys(k for e in LOSSES.values() for kind in e.kinds for w in ("class", "sample")
                                     for k in e.settings(kind, w)))
+
+
+def clip_logits(image: Tensor, text: Tensor, image_all: Tensor, text_all: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """CLIP's similarity logits of this process's pairs against the global batch (OpenCLIP's local loss):
+    image→text `scale·image·text_allᵀ` and text→image `scale·text·image_allᵀ`, rows = local pairs."""
+    return scale * image @ text_all.T, scale * text @ image_all.T
+
+
+def clip_contrastive(per_image: Tensor, per_text: Tensor, labels: Tensor) -> Tensor:
+    """CLIP's symmetric InfoNCE: the mean of the image→text and text→image cross-entropies."""
+    return (F.cross_entropy(per_image.float(), labels) + F.cross_entropy(per_text.float(), labels)) / 2
+
+
+def loss_kind(recipe_kind: str) -> str:
+    """The registry kind of a recipe kind: a clip-kd recipe's loss is a "clip" loss, others share the name."""
+    return {"clip-kd": "clip"}.get(recipe_kind, recipe_kind)
 
 
 def loss_names(kind: str) -> tuple[str, ...]:
@@ -583,6 +612,12 @@ class LossTerm:
 
     def __call__(self, student: Tensor, teacher: Tensor | None, targets: Tensor | None) -> GKLTerms:
         return self.entry.compute(student, teacher, targets, self.matrix, self.settings)
+
+    def both_directions(self, student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], targets: Tensor) -> GKLTerms:
+        """CLIP distillation (§4.4): the loss on the image→text and on the text→image similarity logits
+        (each row a sample, the batch's captions or images its "classes"), averaged."""
+        a, b = (self(s, t, targets) for s, t in zip(student, teacher))
+        return GKLTerms((a.wmse + b.wmse) / 2, (a.ce + b.ce) / 2)
 
     def attack(self, name: str) -> Any:
         """The attack loss `name` as pgd_linf calls it, sharing this term's prior (official GKL-AT)."""

@@ -104,7 +104,7 @@ class DigitsCfg:
 
 @dataclass
 class DataCfg:
-    dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "digits", "imagenet", "imagenet-lt"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "digits", "imagenet", "imagenet-lt", "pairs"] = "cifar10"
     root: Optional[str] = None  # dataset directory (`--data-dir`); None: ./data
     download: bool = True  # torchvision download when the files are missing (needs internet)
     path: Optional[str] = None  # the .npz training file for dataset=npz (keys `image`, `label`)
@@ -122,6 +122,14 @@ class DataCfg:
     num_workers: int = _num(4, 0)
     val_size: int = _num(1000, 0)  # held out from the training set for model selection
     drop_last: bool = False
+    # dataset=pairs (kind clip-kd): image–caption pairs, WebDataset tar shards (a braceexpand pattern such as
+    # datacomp/{00000000..00127999}.tar, a folder of .tar, or a file listing them) or a CSV/TSV of (image path, caption)
+    pairs: Optional[str] = None
+    val_pairs: Optional[str] = None  # held-out pairs for validation retrieval (R@1) and best.pt
+    samples_per_epoch: Optional[int] = _num(None, 1)  # a fresh random sample of the pool each epoch (None: its size)
+    shuffle_buffer: int = _num(1000, 1)  # tar shards: samples shuffled in a buffer of this size per stream
+    csv_image_key: str = "filepath"  # OpenCLIP's --csv-img-key
+    csv_caption_key: str = "title"  # OpenCLIP's --csv-caption-key
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
     digits: DigitsCfg = field(default_factory=DigitsCfg)
@@ -191,12 +199,18 @@ class AwpCfg:
 
 @dataclass
 class OptimCfg:
-    name: Literal["sgd"] = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = _num(0.2, 0.0, lo_open=True)
     momentum: float = _num(0.9, 0.0, 1.0)
     weight_decay: float = _num(5e-4, 0.0)
     nesterov: bool = False
     bn_weight_decay: bool = True  # false: BatchNorm weights/biases without weight decay (DM-AT's group_weight)
+    # adamw (OpenCLIP's optimizer): betas and eps; decay_1d false: no weight decay on tensors of fewer than
+    # 2 dimensions (biases, norm gains, logit_scale), OpenCLIP's exclusion rule
+    beta1: float = _num(0.9, 0.0, 1.0)
+    beta2: float = _num(0.98, 0.0, 1.0)
+    eps: float = _num(1e-6, 0.0, lo_open=True)
+    decay_1d: bool = True
 
 
 @dataclass
@@ -210,6 +224,8 @@ class ScheduleCfg:
     lr_decay: float = _num(0.1, 0.0, 1.0)
     warmup_epochs: int = _num(0, 0)  # linear learning-rate warm-up
     warmup_mode: Literal["step", "epoch"] = "step"  # epoch: lr·e/W per epoch (the official ImageNet-LT script)
+    # a linear warm-up over this many steps, then cosine to 0 over the rest (OpenCLIP's --warmup with cosine_lr)
+    warmup_steps: int = _num(0, 0)
 
 
 @dataclass
@@ -232,6 +248,8 @@ class TeacherCfg:
 
     arch: Optional[str] = None
     checkpoint: Optional[str] = None  # relative paths are looked up under --data-dir's parent and ./
+    # (kind clip-kd: an OpenCLIP pretrained tag such as datacomp_xl_s13b_b90k, or a weight file)
+    cache_dir: Optional[str] = None  # clip-kd: where OpenCLIP keeps downloaded weights (None: the Hugging Face cache)
 
 
 @dataclass
@@ -276,7 +294,7 @@ class OutputCfg:
 
 @dataclass
 class Recipe:
-    kind: Literal["at", "kd"] = "at"
+    kind: Literal["at", "kd", "clip-kd"] = "at"
     meta: MetaCfg = field(default_factory=MetaCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -311,7 +329,7 @@ class Recipe:
 # it reports: names, paths, workers, logging. Runs that differ only here are the same run (reproduce's
 # run key leaves them out) ...
 RESULT_NEUTRAL = ("meta.", "output.", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
-                  "train.log_every_steps", "train.save_every_steps")
+                  "train.log_every_steps", "train.save_every_steps", "teacher.cache_dir")
 # ... and these change only the final report, not the training: a --resume may change them as well
 RESUME_SAFE = RESULT_NEUTRAL + ("eval.final_test", "eval.n_test")
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
@@ -435,18 +453,11 @@ def build_section(cls: type, data: dict[str, Any], sources: Sources, prefix: str
 
 def _check_consistency(recipe: Recipe, sources: Sources) -> None:
     """Rules that involve more than one key."""
-    from gklcli.models import get_spec  # torch import kept out of module import time
-
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise _fail(key, sources, message)
 
-    for key, arch in (("model.arch", recipe.model.arch), ("teacher.arch", recipe.teacher.arch)):
-        if arch is not None:
-            try:
-                get_spec(arch)
-            except GKLError as err:
-                raise _fail(key, sources, str(err)) from None
+    _check_archs(recipe, sources)
     data = recipe.data
     require(data.dataset != "npz" or data.path is not None, "data.path", "dataset 'npz' needs data.path (the .npz file)")
     require(data.augment != "autoaug" or recipe.kind == "at", "data.augment", "'autoaug' two-view training is for kind 'at'")
@@ -465,15 +476,41 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
     require(sched.warmup_epochs < sched.epochs, "schedule.warmup_epochs", f"must be < schedule.epochs ({sched.epochs})")
     require(sched.lr_schedule != "onecycle" or sched.warmup_epochs >= 2, "schedule.warmup_epochs",
             f"'onecycle' needs a warm-up of at least 2 epochs (torch's OneCycleLR divides by warm-up − 1), got {sched.warmup_epochs}")
-    if recipe.kind == "kd":
-        require(recipe.teacher.arch is not None, "teacher.arch", "kind 'kd' needs a teacher architecture")
+    if recipe.kind in ("kd", "clip-kd"):
+        require(recipe.teacher.arch is not None, "teacher.arch", f"kind {recipe.kind!r} needs a teacher architecture")
+    clip = recipe.kind == "clip-kd"
+    require(clip == (data.dataset == "pairs"), "data.dataset",
+            "kind 'clip-kd' trains on dataset 'pairs'" if clip else "'pairs' (image–caption pairs) is for kind 'clip-kd'")
+    require(not clip or data.pairs is not None, "data.pairs", "kind 'clip-kd' needs the pool of image–caption pairs "
+            "(tar shards such as datacomp/{00000000..00127999}.tar, or a CSV/TSV)")
+    require(recipe.optim.name == "sgd" or recipe.optim.nesterov is False, "optim.nesterov", "is for optim.name 'sgd'")
+    require(sched.warmup_steps == 0 or (sched.lr_schedule == "cosine" and sched.warmup_epochs == 0), "schedule.warmup_steps",
+            "is OpenCLIP's step warm-up before a cosine schedule: use schedule.lr_schedule 'cosine' and no warmup_epochs")
     _check_loss(recipe, sources)
+
+
+def _check_archs(recipe: Recipe, sources: Sources) -> None:
+    """Architectures by name: gkl's registry for images, OpenCLIP's for kind clip-kd (no weights read)."""
+    from gklcli.models import get_spec  # torch import kept out of module import time
+    from gklcli.models.clip import check_arch, is_clip
+
+    clip = recipe.kind == "clip-kd"
+    for key, arch in (("model.arch", recipe.model.arch), ("teacher.arch", recipe.teacher.arch)):
+        if arch is None:
+            continue
+        if clip != is_clip(arch):
+            raise _fail(key, sources, f"{show(arch)}: kind 'clip-kd' uses OpenCLIP models (open_clip:NAME, such as "
+                        "open_clip:ViT-B-16)" if clip else f"{show(arch)}: OpenCLIP models are for kind 'clip-kd'")
+        try:
+            check_arch(arch) if clip else get_spec(arch)
+        except GKLError as err:
+            raise _fail(key, sources, str(err)) from None
 
 
 def _check_loss(recipe: Recipe, sources: Sources) -> None:
     """The loss names through the registry, and no loss setting that the chosen loss does not read:
     a value that changes nothing would still change the run key and mislead whoever reads the recipe."""
-    from gklcli.losses import KINDS, LOSS_SETTINGS, get_loss
+    from gklcli.losses import KINDS, LOSS_SETTINGS, get_loss, loss_kind
 
     def registered(name: str, kind: str, key: str) -> Any:
         try:
@@ -481,8 +518,11 @@ def _check_loss(recipe: Recipe, sources: Sources) -> None:
         except ValueError as error:
             raise _fail(key, sources, str(error)) from None
 
-    kind = recipe.kind
+    kind = loss_kind(recipe.kind)
     entry = registered(recipe.loss.name, kind, "loss.name")
+    if kind == "clip" and entry.prior and recipe.loss.weights != "sample":
+        raise _fail("loss.weights", sources, "CLIP distillation has no classes: its weights are sample-wise "
+                    "(φ* = √(S(w_m)^γ), paper §4.4); set loss.weights: sample")
     if kind == "at":
         registered(recipe.attack.loss, "attack", "attack.loss")
     used = entry.settings(kind, recipe.loss.weights)

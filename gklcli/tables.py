@@ -24,6 +24,8 @@ ood:imagenet-r, ood:imagenet-sketch for distillation. `top1` is the last epoch's
 `top1@best` (also top5/many/medium/few@best, at the epoch of the best top-1) the best test top-1 over
 epochs, mdistiller's protocol that the paper's CIFAR-100 and ImageNet KD tables report; its recipe
 must evaluate the test set every epoch (`eval.test_every_epochs`), and reports label such cells.
+zeroshot:D (D = imagenet, imagenet-v2, imagenet-sketch, imagenet-r) is a CLIP run's zero-shot top-1 and
+teacher_zeroshot:D its pretrained teacher's (kind clip-kd).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ KD_METRIC = re.compile(r"^(top1|top5|many|medium|few|s_iter|teacher_top1|ood:ima
 # rather than the last epoch's; many/medium/few/top5@best are those of the epoch with the best top-1
 KD_BEST = re.compile(r"^(top1|top5|many|medium|few)@best$")
 MEAN = re.compile(r"^mean\((.+)\)$")
+CLIP_METRIC = re.compile(r"^(teacher_)?zeroshot:(imagenet|imagenet-v2|imagenet-sketch|imagenet-r)$")
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,9 @@ def is_best_metric(metric: str) -> bool:
 
 
 def metric_kind(metric: str) -> str:
-    """'at' or 'kd': which kind of recipe can produce the metric."""
-    kinds = {"at" if AT_METRIC.match(m) else "kd" if KD_METRIC.match(m) or KD_BEST.match(m) else "?"
-             for m in metric_parts(metric)}
+    """'at', 'kd' or 'clip-kd': which kind of recipe can produce the metric."""
+    kinds = {"at" if AT_METRIC.match(m) else "kd" if KD_METRIC.match(m) or KD_BEST.match(m) else
+             "clip-kd" if CLIP_METRIC.match(m) else "?" for m in metric_parts(metric)}
     if len(kinds) != 1 or "?" in kinds:
         raise ValueError(metric)
     return kinds.pop()

@@ -100,8 +100,8 @@ def _dmat_tiny(tmp_path, *extra: str):
 def test_dry_run_plan_and_the_run_take_the_same_number_of_steps(tmp_path, capsys):
     recipe = _dmat_tiny(tmp_path)
     engine = Engine(recipe, AdversarialStep, out_dir=tmp_path / "run", quiet=True, device="cpu")
-    engine.sampler.set_epoch(1)
-    ran = len(list(engine.sampler))
+    engine.workload.sampler.set_epoch(1)
+    ran = len(list(engine.workload.sampler))
     plan = run_preview(recipe)
     assert plan["steps_per_epoch"] == engine.steps_per_epoch == ran == 6  # ceil(112 / 20): the whole base set
     assert (plan["real_per_batch"], plan["generated_per_batch"]) == (6, 14)

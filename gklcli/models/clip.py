@@ -37,8 +37,11 @@ def is_clip(arch: Optional[str]) -> bool:
 @functools.lru_cache(maxsize=None)
 def _open_clip() -> Any:
     """open_clip with gkl's toy configurations registered (imported on demand: it pulls in timm)."""
-    import open_clip
+    import warnings
 
+    with warnings.catch_warnings():  # its import touches deprecated torch.jit APIs
+        warnings.simplefilter("ignore", FutureWarning)
+        import open_clip
     open_clip.add_model_config(CONFIGS)
     return open_clip
 
@@ -60,8 +63,9 @@ def check_arch(arch: str) -> None:
     model_name(arch)
 
 
-def create_clip(arch: str, pretrained: Optional[str] = None, *, cache_dir: Optional[str] = None) -> nn.Module:
-    """An OpenCLIP model (CPU, fp32) with random weights, a pretrained tag's, or a file's."""
+def create_clip(arch: str, pretrained: Optional[str] = None, *, cache_dir: Optional[str] = None, device: str = "cpu") -> nn.Module:
+    """An OpenCLIP model (fp32, on `device`) with random weights, a pretrained tag's, or a file's
+    (`device="meta"`: shapes only, for FLOP counts and parameter numbers without allocating)."""
     open_clip, name = _open_clip(), model_name(arch)
     if pretrained and not _is_file_spec(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -75,7 +79,7 @@ def create_clip(arch: str, pretrained: Optional[str] = None, *, cache_dir: Optio
                            f"{str(error).splitlines()[0][:200] if str(error) else ''}); fetch them on a machine with "
                            "internet (they land in the Hugging Face cache, HF_HOME) or pass the weight file") from None
     with _quiet_logging():  # OpenCLIP warns at random initialisation, which is what a student wants
-        model = open_clip.create_model(name, pretrained=None)
+        model = open_clip.create_model(name, pretrained=None, device=device)
     if pretrained:
         load_weights(model, Path(pretrained), arch)
     return model

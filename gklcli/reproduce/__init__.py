@@ -41,7 +41,7 @@ def _recipe_summary(r: Recipe) -> str:
 
     parts = [f"{r.model.arch} on {r.data.dataset}", f"{r.schedule.epochs} ep × batch {r.data.batch_size}", f"lr {r.optim.lr:g}",
              f"loss {loss_text(r)}", f"seed {r.train.seed}"]
-    if r.kind == "kd":
+    if r.kind in ("kd", "clip-kd"):
         parts.insert(1, f"teacher {r.teacher.arch}")
     else:
         parts.insert(3, f"attack {r.attack.loss}/{r.attack.schedule}, AWP {'on' if r.awp.enabled else 'off'}, avg {r.ema.mode}")
@@ -80,6 +80,10 @@ def print_dry_run(plan: Plan, console: Any) -> None:
         console.print(f"      $ {escape(job.command())}")
         if job.kind == "at" and job.needs.adversarial:
             console.print(f"      $ {escape(eval_command(job, plan))}")
+        if job.kind == "clip-kd" and job.needs.zeroshot:
+            from gklcli.reproduce.zeroshot import zeroshot_command_line
+
+            console.print(f"      $ {escape(zeroshot_command_line(job, plan))}")
 
 
 def reproduce(name: str, *, rows: Optional[str], seeds: int, out: Path, data_dir: Optional[str], smoke: bool, resume: bool,

@@ -43,12 +43,52 @@ def forward_flops(arch: str, num_classes: int, size: int) -> float:
     return _FLOPS_CACHE[key]
 
 
+_CLIP_FLOPS: dict[str, float] = {}
+ZEROSHOT_IMAGES = {"imagenet": 50_000, "imagenet-v2": 10_000, "imagenet-sketch": 50_889, "imagenet-r": 30_000}
+
+
+def clip_pair_flops(arch: str) -> float:
+    """Forward FLOPs of one image and one caption through an OpenCLIP model (counted on the meta device)."""
+    if arch not in _CLIP_FLOPS:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from gklcli.models.clip import create_clip, image_spec, tokenizer
+
+        with torch.device("meta"):
+            model = create_clip(arch, device="meta")
+            size = image_spec(model).size
+            image, tokens = torch.empty(1, 3, size, size), torch.zeros(1, tokenizer(arch).context_length, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model.encode_image(image)
+            model.encode_text(tokens)
+        _CLIP_FLOPS[arch] = float(counter.get_total_flops())
+    return _CLIP_FLOPS[arch]
+
+
+def clip_gpu_hours(job: Job) -> float:
+    """A CLIP run: samples_per_epoch × epochs pairs through the teacher's forward and the student's
+    forward and backward (3×), plus its zero-shot sets; a teacher report: the zero-shot sets only."""
+    r = job.recipe
+    evaluated = sum(ZEROSHOT_IMAGES.get(name, 0) for name in job.needs.zeroshot)
+    if job.kind == "teacher":
+        return clip_pair_flops(r.teacher.arch) * evaluated / GPU_FLOPS / 3600
+    steps = (r.data.samples_per_epoch or 0) // r.data.batch_size
+    if r.train.max_steps_per_epoch:
+        steps = min(steps, r.train.max_steps_per_epoch)
+    teacher = clip_pair_flops(r.teacher.arch) if r.loss.name != "ce" else 0.0
+    total = steps * r.data.batch_size * r.schedule.epochs * (teacher + 3 * clip_pair_flops(r.model.arch))
+    return (total + evaluated * clip_pair_flops(r.model.arch)) / GPU_FLOPS / 3600
+
+
 def estimate_gpu_hours(job: Job) -> float:
     """Order-of-magnitude GPU-hours of a job from its recipe (FLOPs counted on the meta device)."""
     from gklcli.datasets import DATASETS
     from gklcli.train.preview import at_segments
 
     r = job.recipe
+    if r.kind == "clip-kd":
+        return clip_gpu_hours(job)
     d = r.data
     known = DATASETS.get(d.dataset)  # None for npz and synthetic
     classes = r.model.num_classes or (known.classes if known else

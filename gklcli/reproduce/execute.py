@@ -129,6 +129,10 @@ def check_inputs(jobs: list[Job], plan: Plan) -> None:
             raise GKLError(f"{r.meta.name}: trains on DM-AT generated images; put them at DATA_DIR/generated/"
                            f"{r.meta.name}.npz and pass --data-dir DATA_DIR (looked for {generated.path or 'no --data-dir'})"
                            + hint("generated", r))
+        if r.kind == "clip-kd":
+            from gklcli.reproduce.zeroshot import check_inputs as check_clip_inputs
+
+            check_clip_inputs(job, plan)
         if r.kind == "kd" and (job.kind == "teacher" or get_loss(r.loss.name, "kd").needs_teacher):
             try:
                 resolve_teacher_path(r.teacher.checkpoint, plan.data_dir)
@@ -145,6 +149,12 @@ def _train(job: Job, plan: Plan, *, device: Optional[str], console: Any, quiet: 
 
 def _teacher(job: Job, plan: Plan, device: Optional[str]) -> None:
     from gklcli.train.kd import teacher_report
+
+    if job.recipe.kind == "clip-kd":
+        from gklcli.reproduce.zeroshot import teacher_report as clip_teacher_report
+
+        clip_teacher_report(job, plan, device)
+        return
 
     report = teacher_report(job.recipe, data_dir=plan.data_dir, device=device)
     job.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +187,10 @@ def _evaluate_job(job: Job, plan: Plan, *, device: Optional[str], console: Any) 
         if not path.is_file():
             _evaluate_ood(job, plan, name, path, device)
             ran += 1
+    if job.needs.zeroshot:
+        from gklcli.reproduce.zeroshot import evaluate_run
+
+        ran += evaluate_run(job, plan, device)
     return ran
 
 
@@ -242,6 +256,9 @@ def _build_smoke_inputs(plan: Plan, root: Path, device: Optional[str], console: 
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.asarray(img)).save(folder / f"{i:04d}.png")
             staging.replace(data / name)
+    from gklcli.reproduce.zeroshot import build_smoke_inputs
+
+    build_smoke_inputs(plan, root, device, console)
     kd = [j for j in plan.jobs.values() if j.recipe.kind == "kd"]
     if kd and not (root / "teacher" / "results.json").is_file():
         from gklcli.train.kd import train_distill

@@ -79,6 +79,7 @@ class EvalNeeds:
     eps: set[float] = field(default_factory=set)
     individual: bool = False
     ood: set[str] = field(default_factory=set)
+    zeroshot: set[str] = field(default_factory=set)  # CLIP runs: the zero-shot sets their cells read
     adversarial: bool = False  # any AutoAttack-based metric at all
 
     def add(self, metric: str) -> None:
@@ -93,6 +94,8 @@ class EvalNeeds:
                 self.individual = True
             elif m.startswith("ood:"):
                 self.ood.add(m[4:])
+            elif m.startswith(("zeroshot:", "teacher_zeroshot:")):
+                self.zeroshot.add(m.partition(":")[2])
             if m in ("clean", "aa", "worst") or m.startswith(("pgd-", "cw-", "aa@", "apgd", "fab", "square")):
                 self.adversarial = True
 
@@ -117,6 +120,9 @@ class Job:
     def command(self) -> str:
         """The gkl command that makes this run by hand (e.g. under torchrun) at the same path."""
         sets = "".join(f" --set {o}" for o in self.overrides)
+        if self.kind == "teacher" and self.recipe.kind == "clip-kd":
+            t = self.recipe.teacher
+            return f"gkl eval-zeroshot {t.arch}:{t.checkpoint} " + " ".join(f"--dataset {n}" for n in sorted(self.needs.zeroshot))
         if self.kind == "teacher":
             return f"gkl distill {self.spec.recipe}{sets} --teacher-only"
         verb = "train-at" if self.kind == "at" else "distill"
@@ -163,8 +169,21 @@ class Plan:
         return [j for j in self.jobs.values() if j.kind == "teacher"]
 
 
+def clip_smoke_overrides(root: Path) -> list[str]:
+    """Toy CLIP scale: OpenCLIP's smallest shapes (gkl-tiny-clip) on generated image–caption shards."""
+    return [
+        f"data.pairs={root / 'data' / 'pairs'}", "data.val_pairs=null", "data.samples_per_epoch=48", "data.batch_size=16",
+        "data.shuffle_buffer=32", "data.num_workers=0", "data.eval_batch_size=32", "model.arch=open_clip:gkl-tiny-clip",
+        "teacher.arch=open_clip:gkl-tiny-clip-teacher", f"teacher.checkpoint={root / 'clip-teacher' / 'last.pt'}",
+        "schedule.epochs=2", "schedule.warmup_steps=2", "train.max_steps_per_epoch=3", "train.amp=none", "train.compile=false",
+        "train.save_every_steps=0", "optim.lr=0.001", "output.tensorboard=false", "output.plots=false",
+    ]
+
+
 def smoke_overrides(recipe: Recipe, root: Path) -> list[str]:
     """Toy scale for `--smoke`: synthetic 8×8 data, resnet8, two epochs of three steps."""
+    if recipe.kind == "clip-kd":
+        return clip_smoke_overrides(root)
     sets = [
         "data.dataset=synthetic", "data.synthetic.num_train=96", f"data.synthetic.num_test={SMOKE_TEST}",
         f"data.synthetic.image_size={SMOKE_SIZE}", f"data.synthetic.num_classes={SMOKE_CLASSES}", "data.val_size=16",
@@ -188,13 +207,18 @@ def smoke_overrides(recipe: Recipe, root: Path) -> list[str]:
     return sets
 
 
+def is_teacher_metric(metric: str) -> bool:
+    """A number of the (pretrained, frozen) teacher rather than of a trained run."""
+    return metric == "teacher_top1" or metric.startswith("teacher_zeroshot:")
+
+
 def resolve_spec(spec: RunSpec, extra: list[str]) -> Recipe:
     return load_recipe(resolve_recipe_path(spec.recipe), [*spec.overrides, *extra])
 
 
 def _job_for(spec: RunSpec, metric: str, seed_offset: int, plan: Plan, cache: dict[tuple, Job]) -> Job:
     """The (shared) job that produces `metric` for `spec` at one seed."""
-    cache_key = (spec, seed_offset, metric == "teacher_top1")
+    cache_key = (spec, seed_offset, is_teacher_metric(metric))
     if cache_key in cache:
         return cache[cache_key]
     root = plan.root
@@ -202,10 +226,11 @@ def _job_for(spec: RunSpec, metric: str, seed_offset: int, plan: Plan, cache: di
     extra = smoke_overrides(base, root) if plan.smoke else []
     if not plan.smoke and base.data.generated.required and not base.data.generated.path and plan.data_dir:
         extra.append(f"data.generated.path={Path(plan.data_dir) / 'generated' / (base.meta.name + '.npz')}")
-    if metric == "teacher_top1":
+    if is_teacher_metric(metric):
         recipe = resolve_spec(spec, extra)
         key = teacher_key(recipe)
-        job = Job("teacher", key, recipe, spec, extra, root / "teachers" / f"{recipe.teacher.arch}-{key}.json")
+        arch = str(recipe.teacher.arch).replace(":", "-")  # open_clip:ViT-L-14 → a plain file name
+        job = Job("teacher", key, recipe, spec, extra, root / "teachers" / f"{arch}-{key}.json")
     else:
         seed = base.train.seed + seed_offset
         extra = [*extra, f"train.seed={seed}"]
@@ -235,7 +260,7 @@ def build_plan(tables: list[Table], *, rows: Optional[str], seeds: int, out: Pat
             for cell in row.cells:
                 jobs: list[Job] = []
                 if cell.run is not None and cell.metric is not None:
-                    offsets = [0] if cell.metric == "teacher_top1" else range(seeds)
+                    offsets = [0] if is_teacher_metric(cell.metric) else range(seeds)
                     jobs = [_job_for(cell.run, cell.metric, k, plan, cache) for k in offsets]
                     for job in jobs:
                         job.needs.add(cell.metric)
@@ -318,3 +343,8 @@ def find_eval(job: Job, checkpoint: str, settings: dict[str, Any]) -> Optional[P
 
 def ood_path(job: Job, checkpoint: str, name: str) -> Path:
     return job.dir / "ood" / f"{checkpoint}-{name}.json"
+
+
+def zeroshot_path(job: Job, checkpoint: str, name: str) -> Path:
+    """Where a CLIP run's zero-shot result on `name` lives (a teacher's are all in its report file)."""
+    return job.dir / "zeroshot" / f"{checkpoint}-{name}.json"

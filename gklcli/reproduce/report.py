@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from gklcli.tables import is_best_metric, metric_parts
 from gklcli.checkpoint import atomic_write_text, read_json, read_jsonl
-from gklcli.reproduce.plan import CellPlan, Job, Plan, TablePlan, ood_path, eval_settings, find_eval, metric_eps
+from gklcli.reproduce.plan import CellPlan, Job, Plan, TablePlan, ood_path, zeroshot_path, eval_settings, find_eval, metric_eps
 
 if TYPE_CHECKING:
     from gklcli.reproduce.execute import Counts
@@ -86,6 +86,10 @@ def metric_value(job: Job, metric: str, plan: Plan, worst_of: tuple[str, ...] = 
     if metric.startswith("ood:"):
         report = _read_json(ood_path(job, plan.checkpoint, metric[4:]))
         return (report or {}).get("top1")
+    if metric.startswith("teacher_zeroshot:"):
+        return ((_read_json(job.dir) or {}).get(metric.partition(":")[2]) or {}).get("top1")
+    if metric.startswith("zeroshot:"):
+        return (_read_json(zeroshot_path(job, plan.checkpoint, metric.partition(":")[2])) or {}).get("top1")
     if job.kind == "kd":
         return _train_metric(job, metric, plan.checkpoint)
     return _eval_metric(job, metric, plan, worst_of)

@@ -1,8 +1,9 @@
 """Training: one engine, and one `Step` per task.
 
 `engine.Engine` owns the loop, checkpoints, resume, DDP, AMP, logging and evaluation; a *step*
-computes each batch's loss: `at.AdversarialStep` (`gkl train-at`) and `kd.DistillStep`
-(`gkl distill`). `trainer(kind)` is the training function of a recipe kind.
+computes each batch's loss: `at.AdversarialStep` (`gkl train-at`), `kd.DistillStep` and
+`clip.ClipStep` (`gkl distill`); a *workload* (`workload.ImageWorkload`, `clip.ClipWorkload`) supplies
+the data and the model. `trainer(kind)` is the training function of a recipe kind.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from typing import Any, Callable
 
 
 def trainer(kind: str) -> Callable[..., dict[str, Any]]:
-    """`train_at` or `train_distill` for a recipe's `kind` (imported on demand: both pull in torch)."""
+    """`train_at`, `train_distill` or `train_clip` for a recipe's `kind` (imported on demand: they pull in torch)."""
     if kind == "at":
         from gklcli.train.at import train_at
 
         return train_at
+    if kind == "clip-kd":
+        from gklcli.train.clip import train_clip
+
+        return train_clip
     from gklcli.train.kd import train_distill
 
     return train_distill

@@ -38,6 +38,12 @@ def build_model(recipe: Recipe, num_classes: int, env: DistEnv) -> tuple[nn.Modu
         use_ghost_batch_norm(module, bn_groups(recipe, env.world_size))
     if cfg.sync_bn and env.distributed:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return wrap_model(module, recipe, env)
+
+
+def wrap_model(module: nn.Module, recipe: Recipe, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """`build_model`'s wrappers for any module: device, channels_last, DDP, torch.compile."""
+    cfg = recipe.model
     module = module.to(env.device)
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -63,17 +69,25 @@ def bn_groups(recipe: Recipe, world_size: int) -> int:
 
 
 def parameter_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
-    """SGD parameter groups: BatchNorm weights and biases without weight decay when
-    `optim.bn_weight_decay` is false (DM-AT's `group_weight`: no decay for 'batchnorm' parameters)."""
-    if opt.bn_weight_decay:
-        return [{"params": list(module.parameters())}]
-    bn = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters(recurse=False)}
-    params = list(module.parameters())
-    return [{"params": [p for p in params if id(p) not in bn]}, {"params": [p for p in params if id(p) in bn], "weight_decay": 0.0}]
+    """Parameter groups: without weight decay, BatchNorm weights and biases when `optim.bn_weight_decay`
+    is false (DM-AT's `group_weight`), and every tensor of fewer than 2 dimensions when `optim.decay_1d`
+    is false (OpenCLIP's rule: biases, LayerNorm gains, logit_scale)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    exempt = set()
+    if not opt.bn_weight_decay:
+        exempt |= {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for p in m.parameters(recurse=False)}
+    if not opt.decay_1d:
+        exempt |= {id(p) for p in params if p.ndim < 2}
+    if not exempt:
+        return [{"params": params}]
+    return [{"params": [p for p in params if id(p) not in exempt]},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
 
 
-def make_optimizer(module: nn.Module, opt: Any) -> torch.optim.SGD:
-    """The recipe's SGD (`optim`) over `parameter_groups(module, opt)`."""
-    return torch.optim.SGD(
-        parameter_groups(module, opt), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
-    )
+def make_optimizer(module: nn.Module, opt: Any) -> torch.optim.Optimizer:
+    """The recipe's SGD or AdamW (`optim`) over `parameter_groups(module, opt)`."""
+    groups = parameter_groups(module, opt)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov)

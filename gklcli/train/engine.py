@@ -29,14 +29,12 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from gklcli import __version__
-from gklcli.data import DataBundle, TrainView, build_data, make_eval_loader, make_train_loader
-from gklcli.sampling import make_batch_sampler
 from gklcli.errors import GKLError
-from gklcli.models import bn_momentum, get_spec
+from gklcli.models import bn_momentum
 from gklcli.recipes import Recipe
 from gklcli import checkpoint as ckpt
 from gklcli.train.averaging import make_averager
-from gklcli.train.build import build_model, configure_determinism, make_optimizer
+from gklcli.train.build import configure_determinism, make_optimizer
 from gklcli.distributed import (
     DistEnv, all_equal, barrier, broadcast_buffers, broadcast_flag, device_name, init_distributed,
 )
@@ -46,6 +44,7 @@ from gklcli.train.results import add_test_best, epoch_line, run_results, write_r
 from gklcli.train.resume import check_resumable, read_training_checkpoint
 from gklcli.train.schedule import learning_rate, momentum
 from gklcli.train.signals import install_signal_handlers, restore_signal_handlers
+from gklcli.train.workload import ImageWorkload, Workload
 
 # The files a run writes in its output folder: their presence is what --resume/--overwrite are asked about.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "results.json", "summary.md", "curves.png", "recipe.yaml")
@@ -104,15 +103,9 @@ class Context:
     class_counts: Optional[Tensor] = None  # training images per class (ImageNet-LT groups)
 
 
-def input_norm(module: nn.Module) -> Optional[dict[str, list[float]]]:
-    mean, std = getattr(module, "mean", None), getattr(module, "std", None)
-    if mean is None or std is None:
-        return None
-    return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
-
-
 class Engine:
-    """Train `recipe` with the step built by `make_step(context)`; see `fit`."""
+    """Train `recipe` with the step built by `make_step(context)` on the data and model of
+    `make_workload(recipe, data_dir, env)` (labelled images and a registry model by default); see `fit`."""
 
     def __init__(
         self,
@@ -125,6 +118,7 @@ class Engine:
         quiet: bool = False,
         device: Optional[str] = None,
         console: Optional[Console] = None,
+        make_workload: Callable[[Recipe, Optional[str], DistEnv], Workload] = ImageWorkload,
     ):
         self.recipe, self.out_dir, self.resume_requested = recipe, Path(out_dir), resume
         self.env = init_distributed(device)
@@ -132,9 +126,9 @@ class Engine:
         self.quiet = quiet
         self.main = self.env.is_main
         configure_determinism(recipe, self.env)
-        self.data: DataBundle = build_data(recipe.data, data_dir, recipe.model.num_classes)
-        self.num_classes = self.data.num_classes
-        self.module, self.model, self.attack_model = build_model(recipe, self.num_classes, self.env)
+        self.workload = make_workload(recipe, data_dir, self.env)
+        self.num_classes = self.workload.num_classes
+        self.module, self.model, self.attack_model = self.workload.build_model(self.env)
         self.optimizer = make_optimizer(self.module, recipe.optim)
         self.averager = make_averager(recipe.ema, self.module)
         self.eval_module = copy.deepcopy(self.module) if self.averager is not None else self.module
@@ -149,10 +143,10 @@ class Engine:
             self.env,
             (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext,
             recipe.model.channels_last,
-            torch.bincount(torch.as_tensor(self.data.train.labels), minlength=self.num_classes),
+            self.workload.class_counts,
         )
         self.step = make_step(self.context)
-        self._build_loaders()
+        self.steps_per_epoch = self.workload.steps_per_epoch()
         self.epoch, self.batch, self.global_step = 1, 0, 0
         self.meters = Meters()
         self.best: dict[str, Any] = {}
@@ -162,30 +156,8 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- set-up
 
-    def _build_loaders(self) -> None:
-        r, d = self.recipe, self.data
-        self.sampler = make_batch_sampler(
-            r.data, len(d.train), len(d.generated) if d.generated is not None else 0,
-            seed=r.train.seed, rank=self.env.rank, world_size=self.env.world_size,
-        )
-        self.train_view = TrainView(d.train, d.generated, r.data.augment, r.train.seed, r.data.autoaug_fill)
-        self.steps_per_epoch = self.sampler.batches_per_epoch()
-        if r.train.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, r.train.max_steps_per_epoch)
-        if self.steps_per_epoch == 0:
-            raise GKLError(f"data.batch_size: {r.data.batch_size} is larger than the training set ({len(d.train)} images)")
-
     def _train_loader(self, epoch: int, start: int) -> Any:
-        self.sampler.set_epoch(epoch, start)
-        loader = make_train_loader(self.train_view, self.sampler, self.recipe.data.num_workers, self.env.device.type == "cuda")
-        # the loader draws its worker base seed from this private generator, not the global RNG,
-        # so creating a loader (at each epoch and on resume) leaves the training RNG untouched
-        loader.generator = torch.Generator().manual_seed(self.recipe.train.seed)
-        return loader
-
-    def _eval_loader(self, source: Any, n: Optional[int]) -> Any:
-        r = self.recipe
-        return make_eval_loader(source, n, r.data.eval_batch_size, r.data.num_workers, self.env.rank, self.env.world_size)
+        return self.workload.train_loader(epoch, start)
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -202,11 +174,7 @@ class Engine:
             "format_version": ckpt.FORMAT_VERSION,
             "gkl_version": __version__,
             "kind": r.kind,
-            "arch": get_spec(r.model.arch).name,
-            "num_classes": self.num_classes,
-            "dataset": r.data.dataset,
-            "image_size": self.data.train.image_size,
-            "input_norm": input_norm(self.module),
+            **self.workload.meta(),
             "recipe": r.to_dict(),
             "recipe_hash": r.content_hash(),
         }
@@ -416,7 +384,9 @@ class Engine:
         r = self.recipe
         mom = momentum(r.optim, r.schedule, epoch)
         for group in self.optimizer.param_groups:
-            group["lr"], group["momentum"] = lr, mom
+            group["lr"] = lr
+            if "momentum" in group:  # SGD (AdamW has betas)
+                group["momentum"] = mom
         first = r.model.bn_first_batch_stats and self.global_step == 0
         with bn_momentum(self.module, 1.0) if first else contextlib.nullcontext():
             result = self.step.compute(batch, epoch)
@@ -463,18 +433,18 @@ class Engine:
         record["img_s"] = self.meters.count * self.env.world_size / max(self.meters.seconds, 1e-9)
         record["seconds"] = self.meters.seconds
         record["s_iter"] = self.meters.seconds / max(self.meters.steps, 1)  # the paper's Table V unit
-        if self.data.val is not None and (epoch % r.eval.every_epochs == 0 or epoch == r.schedule.epochs):
-            val = self._evaluate(self.data.val, r.eval.n_val, "val")
+        if self.workload.val is not None and (epoch % r.eval.every_epochs == 0 or epoch == r.schedule.epochs):
+            val = self._evaluate(self.workload.val, r.eval.n_val, "val")
             record.update(val)
             key = self.step.selection_metric
             if key in val and (not self.best or val[key] > self.best["value"]):
                 self.best = {"epoch": epoch, "metric": key, "value": val[key]}
                 self._save_best(epoch, val)
         every = r.eval.test_every_epochs
-        if every and self.data.test is not None and (epoch % every == 0 or epoch == r.schedule.epochs):
+        if every and self.workload.test is not None and (epoch % every == 0 or epoch == r.schedule.epochs):
             # mdistiller's protocol: the test set after every epoch and the best over epochs. It selects on
             # the test set, so results.json keeps the last epoch beside it. The RNG is forked: training is unchanged.
-            test = self._evaluate(self.data.test, r.eval.n_test, "test")
+            test = self._evaluate(self.workload.test, r.eval.n_test, "test")
             record.update(test)
             key = "test_" + self.step.selection_metric.removeprefix("val_")
             if key in test and (not self.test_best or test[key] > self.test_best["value"]):  # ties: the first epoch
@@ -508,7 +478,7 @@ class Engine:
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self._weights(weights) as model:
             torch.manual_seed(self.recipe.train.seed + 7919 + self.env.rank)
-            return self.step.evaluate(model, self._eval_loader(source, n), prefix)
+            return self.step.evaluate(model, self.workload.eval_loader(source, n), prefix)
 
     def _finish(self) -> dict[str, Any]:
         r = self.recipe
@@ -523,10 +493,11 @@ class Engine:
             best_state = _to_device(best["model"], self.env.device)
             results["best"] = {"epoch": self.best["epoch"]} | best["metrics"]
             results["best_sha256"] = ckpt.sha256_file(best_path)  # ties these numbers to that file
-        if r.eval.final_test and self.data.test is not None:
-            results["last"].update(self._evaluate(self.data.test, r.eval.n_test, "test", deploy))
+        test = self.workload.test
+        if r.eval.final_test and test is not None:
+            results["last"].update(self._evaluate(test, r.eval.n_test, "test", deploy))
             if best_state is not None:
-                results["best"].update(self._evaluate(self.data.test, r.eval.n_test, "test", best_state))
+                results["best"].update(self._evaluate(test, r.eval.n_test, "test", best_state))
         if r.kind == "kd" or self.test_best:
             add_test_best(results, self.step.selection_metric, self.log.records, self.test_best)
         if self.main:  # results first: a checkpoint marked finished always has its results.json
@@ -537,12 +508,14 @@ class Engine:
 
 def run_training(recipe: Recipe, make_step: Callable[[Context], Step], *, out_dir: Any, data_dir: Optional[str] = None,
                  resume: bool = False, quiet: bool = False, device: Optional[str] = None, console: Any = None,
-                 interrupt_after_steps: Optional[int] = None) -> dict[str, Any]:
+                 interrupt_after_steps: Optional[int] = None,
+                 make_workload: Callable[[Recipe, Optional[str], DistEnv], Workload] = ImageWorkload) -> dict[str, Any]:
     """Build the engine, train (or resume) to the end, and always release the process group."""
     from gklcli.distributed import shutdown
 
     try:
-        engine = Engine(recipe, make_step, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device, console=console)
+        engine = Engine(recipe, make_step, out_dir=out_dir, data_dir=data_dir, resume=resume, quiet=quiet, device=device,
+                        console=console, make_workload=make_workload)
         return engine.fit(interrupt_after_steps)
     finally:
         shutdown()

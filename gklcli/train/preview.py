@@ -12,7 +12,7 @@ from rich.table import Table
 from gklcli.attacks import epoch_attack
 from gklcli.data import train_set_sizes
 from gklcli.sampling import make_batch_sampler
-from gklcli.losses import get_loss
+from gklcli.losses import get_loss, loss_kind
 from gklcli.models import count_params, get_spec
 from gklcli.recipes import Recipe
 from gklcli.train.schedule import ONECYCLE_DIV, ONECYCLE_MOMENTUM, learning_rate
@@ -40,6 +40,8 @@ def at_segments(recipe: Recipe) -> list[dict[str, Any]]:
 
 def run_preview(recipe: Recipe) -> dict[str, Any]:
     """The numbers of a preview: data sizes, steps, schedule segments (JSON-friendly)."""
+    if recipe.kind == "clip-kd":
+        return clip_preview(recipe)
     num_train, num_generated = train_set_sizes(recipe.data)
     # a recipe that requires generated data cannot run without it: preview the run it will make
     expected_generated = num_generated or int(recipe.data.generated.required)
@@ -89,12 +91,49 @@ def _lr_text(recipe: Recipe) -> str:
 
 def loss_text(recipe: Recipe) -> str:
     """The training loss as the registry describes it, with the hard-label CE beside it."""
-    loss = recipe.loss
-    text = get_loss(loss.name, recipe.kind).describe(recipe.kind, loss)
-    return f"CE ×{loss.ce_weight:g} + {text}" if loss.name != "ce" else text
+    loss, kind = recipe.loss, loss_kind(recipe.kind)
+    text = get_loss(loss.name, kind).describe(kind, loss)
+    first = "contrastive" if kind == "clip" else "CE"
+    return f"{first} ×{loss.ce_weight:g} + {text}" if loss.name != "ce" else f"{first} only" if kind == "clip" else text
+
+
+def clip_preview(recipe: Recipe) -> dict[str, Any]:
+    """A CLIP distillation's numbers; the pool is not read, so without data.samples_per_epoch the steps
+    per epoch are those of the pool's size, known at the start."""
+    from gklcli.models.clip import create_clip
+
+    d, per_epoch = recipe.data, recipe.data.samples_per_epoch
+    steps = per_epoch // d.batch_size if per_epoch else None
+    if steps is not None and recipe.train.max_steps_per_epoch:
+        steps = min(steps, recipe.train.max_steps_per_epoch)
+    return {
+        "recipe": recipe.meta.name, "arch": recipe.model.arch,
+        "params": sum(p.numel() for p in create_clip(recipe.model.arch, device="meta").parameters()),
+        "teacher": recipe.teacher.arch, "teacher_weights": recipe.teacher.checkpoint, "pool": d.pairs,
+        "samples_per_epoch": per_epoch, "batch_size": d.batch_size, "steps_per_epoch": steps,
+        "epochs": recipe.schedule.epochs, "total_steps": steps * recipe.schedule.epochs if steps is not None else None,
+        "warmup_steps": recipe.schedule.warmup_steps, "segments": [],
+    }
+
+
+def _print_clip_preview(preview: dict[str, Any], recipe: Recipe, console: Console) -> None:
+    o, steps = recipe.optim, preview["steps_per_epoch"]
+    per_epoch = f"{preview['samples_per_epoch']:,} pairs sampled per epoch" if preview["samples_per_epoch"] else "the whole pool per epoch"
+    teacher = (f"teacher {preview['teacher']} ({preview['teacher_weights']})" if recipe.loss.name != "ce" else "no teacher")
+    console.print(f"[bold]{preview['recipe']}[/]: student {preview['arch']} ({preview['params'] / 1e6:.1f}M params, from scratch), "
+                  f"{teacher}; pool {preview['pool']}, {per_epoch}")
+    console.print(f"{preview['epochs']} epochs × {f'{steps:,}' if steps else 'pool / batch'} steps at global batch "
+                  f"{preview['batch_size']:,}; loss {loss_text(recipe)}; {o.name} lr {o.lr:g} wd {o.weight_decay:g}"
+                  + (f" β=({o.beta1:g}, {o.beta2:g}) eps {o.eps:g}" if o.name == "adamw" else "")
+                  + f", {recipe.schedule.lr_schedule}"
+                  + (f" after {preview['warmup_steps']:,} warm-up steps" if preview["warmup_steps"] else "")
+                  + f"; amp {recipe.train.amp}")
 
 
 def print_preview(preview: dict[str, Any], recipe: Recipe, console: Console) -> None:
+    if recipe.kind == "clip-kd":
+        _print_clip_preview(preview, recipe, console)
+        return
     loss = recipe.loss
     console.print(
         f"[bold]{preview['recipe']}[/]: {preview['arch']} ({preview['params'] / 1e6:.1f}M params) on {recipe.data.dataset}, "

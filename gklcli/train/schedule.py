@@ -46,6 +46,8 @@ def learning_rate(optim: Any, sched: Any, epoch: int, step: int, steps_per_epoch
     with ``warmup_mode: epoch`` lr·e/W held for each epoch e ≤ W (the ImageNet-LT script's).
     """
     base, total, warm = optim.lr, sched.epochs, sched.warmup_epochs
+    if sched.warmup_steps:
+        return _step_cosine(base, sched.warmup_steps, (epoch - 1) * steps_per_epoch + step, total * steps_per_epoch)
     if sched.lr_schedule == "onecycle":
         initial = base / ONECYCLE_DIV
         return _onecycle(sched, epoch, initial, base, initial / ONECYCLE_FINAL_DIV)
@@ -64,6 +66,14 @@ def learning_rate(optim: Any, sched: Any, epoch: int, step: int, steps_per_epoch
     if sched.lr_schedule == "multistep":
         return base * sched.lr_decay ** sum(epoch > m for m in sched.milestones)
     return base
+
+
+def _step_cosine(base: float, warmup: int, step: int, total: int) -> float:
+    """OpenCLIP's `cosine_lr`: base·(step+1)/warmup during the warm-up, then ½(1+cos(π·e/es))·base with
+    e = step − warmup and es = total − warmup (steps counted over the whole run from 0)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) * base
 
 
 def momentum(optim: Any, sched: Any, epoch: int) -> float:
