@@ -85,6 +85,8 @@ class ClipStep:
         # one loss over the global batch, split over the processes: Σw normalisers are global (losses._normalise)
         settings = SimpleNamespace(**dataclasses.asdict(self.cfg), across_ranks=True)
         self.term = LossTerm(self.cfg.name, "clip", settings, 1, ctx.env.device)
+        if not self.term.entry.needs_teacher:  # the baseline row: the contrastive loss alone
+            self.teacher = None
         self.factor = 1.0
 
     def begin_epoch(self, epoch: int) -> dict[str, float]:
