@@ -483,7 +483,7 @@ def reproduce_cmd(
         raise typer.Exit(3)
 
 
-FETCH_WHAT = "cifar10, cifar100, generated NAME, teachers cifar100|imagenet|imagenet-lt, robustbench NAME, imagenet, imagenet-lt"
+FETCH_WHAT = "cifar10, cifar100, generated NAME, teachers cifar100|imagenet|imagenet-lt|clip, robustbench NAME, imagenet, imagenet-lt"
 
 
 @app.command("fetch")

@@ -14,7 +14,9 @@ Sources (see docs/data.md for sizes and licences):
 * ``teachers cifar100``: mdistiller's release tarball (the CRD teachers), unpacked as
   DATA_DIR/cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth; ``teachers imagenet``: torchvision's
   ImageNet ResNet-34/50 weights into DATA_DIR/teachers/ (their sha256 prefix is in the file name);
-  ``teachers imagenet-lt``: not released anywhere, so the command says how to make them.
+  ``teachers imagenet-lt``: not released anywhere, so the command says how to make them;
+  ``teachers clip``: OpenCLIP's ViT-L/14 trained on DataComp-1B (TABLE VII's teacher) from its Hugging Face
+  repository into DATA_DIR/teachers/open_clip/.
 * ``robustbench NAME``: RobustBench's own zoo download into MODEL_DIR/DATASET/THREAT/NAME.pt.
 * ``imagenet``, ``imagenet-lt``: need a licence; the command prints what to get, and
   ``gkl data check`` verifies a folder.
@@ -54,6 +56,9 @@ GENERATED = {  # NAME (the recipe's name) → the parts on the Hub, in DM-AT's m
 }
 MDISTILLER_TEACHERS = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
 CIFAR_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "ResNet50", "wrn_40_2", "vgg13")
+# the teacher of TABLE VII: OpenCLIP's ViT-L-14 `datacomp_xl_s13b_b90k` (79.2 % zero-shot), where recipes/clip read it
+CLIP_TEACHER = ("laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "open_clip_pytorch_model.bin",
+                "teachers/open_clip/ViT-L-14-datacomp_xl_s13b_b90k.bin")
 IMAGENET_TEACHERS = {  # torchvision's IMAGENET1K_V1 weights; the hex in the name is the sha256 prefix it checks
     "resnet34-b627a593.pth": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50-0676ba61.pth": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
@@ -183,6 +188,14 @@ def check_generated(path: Path, classes: int) -> int:
 
 def fetch_teachers(which: str, f: Fetcher) -> list[Path]:
     """The teachers the KD recipes read, where they read them (relative to DATA_DIR)."""
+    if which == "clip":  # OpenCLIP's ViT-L/14 on DataComp-1B (TABLE VII's teacher), from its Hugging Face repository
+        from huggingface_hub import hf_hub_url
+
+        repo, filename, dest = CLIP_TEACHER
+        files = [f.get(hf_hub_url(repo, filename), f.data_dir / dest, source="teachers clip", headers=_hub_headers())]
+        for path in files:
+            _check_teacher(path)
+        return files
     if which == "cifar100":
         archive = f.get(MDISTILLER_TEACHERS, f.data_dir / "cifar_teachers.tar", source="teachers cifar100")
         files = [f.data_dir / "cifar_teachers" / f"{arch}_vanilla" / "ckpt_epoch_240.pth" for arch in CIFAR_TEACHERS]
@@ -196,7 +209,7 @@ def fetch_teachers(which: str, f: Fetcher) -> list[Path]:
                        "by the authors or elsewhere; train them with the official DKL repository's ImageNetLT_train_X101_baseline.sh "
                        "and put them at DATA_DIR/teachers/imagenet_lt_resnext101-32x4d.pth and DATA_DIR/teachers/imagenet_lt_resnet50.pth")
     else:
-        raise GKLError(f"teachers {which}: use cifar100, imagenet or imagenet-lt")
+        raise GKLError(f"teachers {which}: use cifar100, imagenet, imagenet-lt or clip")
     for path in files:
         _check_teacher(path)
     return files
@@ -273,8 +286,8 @@ def fetch_command(kind: str, recipe: Any) -> Optional[str]:
     ("teacher"), for the refusals that name a missing file; None where nothing can fetch it."""
     if kind == "generated":
         return f"gkl fetch generated {recipe.meta.name} --data-dir DATA_DIR" if recipe.meta.name in GENERATED else None
-    dataset = recipe.data.dataset
-    return f"gkl fetch teachers {dataset} --data-dir DATA_DIR" if dataset in ("cifar100", "imagenet") else None
+    dataset = "clip" if recipe.kind == "clip-kd" else recipe.data.dataset
+    return f"gkl fetch teachers {dataset} --data-dir DATA_DIR" if dataset in ("cifar100", "imagenet", "clip") else None
 
 
 def fetch_for(recipes: list[Any], f: Fetcher) -> list[Path]:
@@ -293,4 +306,7 @@ def fetch_for(recipes: list[Any], f: Fetcher) -> list[Path]:
                 resolve_teacher_path(checkpoint, str(f.data_dir))
         except GKLError:
             fetched += fetch_teachers(dataset, f)
+    clip = [r for r in recipes if r.kind == "clip-kd" and r.teacher.checkpoint == CLIP_TEACHER[2]]
+    if clip and not (f.data_dir / CLIP_TEACHER[2]).is_file():
+        fetched += fetch_teachers("clip", f)
     return fetched

@@ -181,6 +181,26 @@ def test_mdistiller_teachers_land_where_the_kd_recipes_look(server, tmp_path, ca
         assert resolve_teacher_path(checkpoint, str(tmp_path)).is_file(), recipe.name
 
 
+def test_the_clip_teacher_lands_where_the_clip_recipes_look(server, tmp_path, capsys):
+    from gklcli.fetch import CLIP_TEACHER
+    from gklcli.models.clip import resolve_weights
+    from gklcli.recipes import RECIPES_DIR, load_recipe
+
+    url, files = server
+    repo, filename, _ = CLIP_TEACHER
+    buffer = io.BytesIO()
+    torch.save({"logit_scale": torch.ones(())}, buffer)
+    files.files[f"/{repo}/resolve/main/{filename}"] = buffer.getvalue()
+    code, out, err = run_cli(capsys, "fetch", "teachers", "clip", "--data-dir", tmp_path, "--mirror", url, "-q")
+    assert code == 0, err
+    for recipe in sorted((RECIPES_DIR / "clip").glob("*.yaml")):
+        checkpoint = load_recipe(recipe).teacher.checkpoint
+        assert Path(resolve_weights(checkpoint, str(tmp_path))).is_file(), recipe.name
+    files.files[f"/{repo}/resolve/main/{filename}"] = b"not a checkpoint"
+    code, _, err = run_cli(capsys, "fetch", "teachers", "clip", "--data-dir", tmp_path / "bad", "--mirror", url, "-q")
+    assert code == 2 and "not a checkpoint gkl can read" in err
+
+
 def test_an_archive_member_outside_the_target_is_refused(server, tmp_path, capsys):
     url, files = server
     files.files["/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"] = _tar({"../escape.pth": b"x"})

@@ -94,6 +94,21 @@ def _quiet_logging() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
+def resolve_weights(checkpoint: str, data_dir: Optional[str]) -> str:
+    """A pretrained tag as it is; a weight file absolute, or under --data-dir (default ./data), or under
+    the current folder — the first that exists (the recipes name `teachers/open_clip/…` under the data)."""
+    if not _is_file_spec(checkpoint):
+        return checkpoint
+    path = Path(checkpoint)
+    candidates = [path] if path.is_absolute() else [Path(data_dir or "data") / path, path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise GKLError(f"teacher.checkpoint: {checkpoint} not found (looked in {', '.join(str(c) for c in candidates)}); "
+                   "`gkl fetch teachers clip --data-dir DATA_DIR` downloads OpenCLIP's ViT-L/14 (DataComp-1B), or give an "
+                   "OpenCLIP pretrained tag such as datacomp_xl_s13b_b90k")
+
+
 def _is_file_spec(text: str) -> bool:
     return "/" in text or "\\" in text or Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors") or Path(text).is_file()
 

@@ -17,13 +17,16 @@ SMOKE_SETS = {"imagenet": 1, "imagenet-v2": 2, "imagenet-sketch": 3, "imagenet-r
 
 def zeroshot_command_line(job: Job, plan: Plan) -> str:
     """The `gkl eval-zeroshot` command that makes a CLIP job's numbers by hand."""
-    spec = teacher_spec(job.recipe) if job.kind == "teacher" else str(job.dir / f"{plan.checkpoint}.pt")
+    spec = f"{job.recipe.teacher.arch}:{job.recipe.teacher.checkpoint}" if job.kind == "teacher" else str(job.dir / f"{plan.checkpoint}.pt")
     sets = " ".join(f"--dataset {name}" for name in sorted(job.needs.zeroshot))
     return f"gkl eval-zeroshot {spec} {sets} --data-dir {plan.data_dir or 'data'}"
 
 
-def teacher_spec(recipe: Any) -> str:
-    return f"{recipe.teacher.arch}:{recipe.teacher.checkpoint}"
+def teacher_spec(recipe: Any, data_dir: Optional[str]) -> str:
+    """`open_clip:NAME:WEIGHTS` of the recipe's teacher, a weight file resolved under the data root."""
+    from gklcli.models.clip import resolve_weights
+
+    return f"{recipe.teacher.arch}:{resolve_weights(recipe.teacher.checkpoint, data_dir)}"
 
 
 def _evaluate(spec: str, job: Job, plan: Plan, names: list[str], device: Optional[str]) -> dict[str, dict[str, Any]]:
@@ -60,7 +63,7 @@ def evaluate_run(job: Job, plan: Plan, device: Optional[str]) -> int:
 
 def teacher_report(job: Job, plan: Plan, device: Optional[str]) -> None:
     """The pretrained teacher's zero-shot results ({set: result}) in the teacher job's report file."""
-    spec = teacher_spec(job.recipe)
+    spec = teacher_spec(job.recipe, plan.data_dir)
     report = _evaluate(spec, job, plan, sorted(job.needs.zeroshot), device)
     job.dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job.dir, json.dumps(report, indent=2) + "\n")
@@ -77,9 +80,11 @@ def check_inputs(job: Job, plan: Plan) -> None:
             open_pool(pool_path(d.pairs, plan.data_dir), image_key=d.csv_image_key, caption_key=d.csv_caption_key)
         except GKLError as err:
             raise GKLError(f"{r.meta.name}: {err}; see docs/clip.md for preparing DataComp shards with img2dataset") from None
-    checkpoint = r.teacher.checkpoint
-    if checkpoint and ("/" in checkpoint or Path(checkpoint).suffix) and not Path(checkpoint).is_file():
-        raise GKLError(f"{r.meta.name}: teacher.checkpoint: {checkpoint} not found")
+    if r.loss.name != "ce" or job.kind == "teacher":
+        try:
+            teacher_spec(r, plan.data_dir)
+        except GKLError as err:
+            raise GKLError(f"{r.meta.name}: {err}") from None
 
 
 def build_smoke_inputs(plan: Plan, root: Path, device: Optional[str], console: Any) -> None:

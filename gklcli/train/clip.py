@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from gklcli.distributed import DistEnv, is_distributed
 from gklcli.errors import GKLError
 from gklcli.losses import LossTerm, clip_contrastive, clip_logits, get_loss
-from gklcli.models.clip import create_clip, image_spec, tokenizer
+from gklcli.models.clip import create_clip, image_spec, resolve_weights, tokenizer
 from gklcli.recipes import Recipe
 from gklcli.train.build import wrap_model
 from gklcli.train.engine import Context, StepResult
@@ -221,13 +221,13 @@ class ClipWorkload:
                 "input_norm": {"mean": list(i.mean), "std": list(i.std)}}
 
 
-def load_clip_teacher(recipe: Recipe, student: nn.Module, device: torch.device) -> nn.Module:
+def load_clip_teacher(recipe: Recipe, student: nn.Module, device: torch.device, data_dir: Optional[str] = None) -> nn.Module:
     """The frozen OpenCLIP teacher; it must read the student's images and tokens (one stream feeds both)."""
     t = recipe.teacher
     if not t.checkpoint:
         raise GKLError("teacher.checkpoint: CLIP distillation needs the teacher's weights: an OpenCLIP pretrained tag "
                        "(such as datacomp_xl_s13b_b90k for open_clip:ViT-L-14) or a weight file")
-    teacher = create_clip(t.arch, t.checkpoint, cache_dir=t.cache_dir)
+    teacher = create_clip(t.arch, resolve_weights(t.checkpoint, data_dir), cache_dir=t.cache_dir)
     mine, theirs = image_spec(student), image_spec(teacher)
     if mine != theirs:
         raise GKLError(f"teacher.arch: {t.arch} expects {theirs.size}-px images normalised by {theirs.mean}/{theirs.std}, "
@@ -246,7 +246,7 @@ def train_clip(recipe: Recipe, *, data_dir: Optional[str] = None, **kwargs: Any)
 
     def make_step(ctx: Context) -> ClipStep:
         needs = get_loss(recipe.loss.name, "clip").needs_teacher
-        return ClipStep(ctx, load_clip_teacher(recipe, ctx.module, ctx.env.device) if needs else None)
+        return ClipStep(ctx, load_clip_teacher(recipe, ctx.module, ctx.env.device, data_dir) if needs else None)
 
     return run_training(recipe, make_step, data_dir=data_dir, make_workload=ClipWorkload, **kwargs)
 
