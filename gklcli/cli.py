@@ -226,6 +226,9 @@ def distill_cmd(
         from gklcli.train.kd import teacher_report
 
         resolved = load_recipe(resolve_recipe_path(recipe), overrides)
+        if resolved.kind == "clip-kd":
+            raise GKLError(f"{recipe}: --teacher-only is for classification teachers; a CLIP teacher's number is its zero-shot "
+                           f"accuracy: gkl eval-zeroshot {resolved.teacher.arch}:{resolved.teacher.checkpoint} --dataset imagenet")
         report = teacher_report(resolved, data_dir=data_dir, device=device)
         out.print_json(json.dumps(report))
         return

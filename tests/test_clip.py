@@ -139,6 +139,15 @@ def test_bad_clip_inputs_are_one_line_and_exit_2(pool, tmp_path, capsys, args, m
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_bf16_autocast_trains_and_teacher_only_points_to_zeroshot(pool, tmp_path, capsys):
+    train_clip(_recipe(pool, "datacomp15m_vitl14_vitb16", "schedule.epochs=1", "train.amp=bf16"), out_dir=tmp_path, quiet=True,
+               device="cpu")
+    (record,) = _records(tmp_path)
+    assert all(torch.isfinite(torch.tensor(record[k])) for k in ("train_loss", "train_kd", "train_contrastive"))
+    code, _, err = run_cli(capsys, "distill", "datacomp15m_vitl14_vitb16", "--teacher-only")
+    assert code == 2 and "gkl eval-zeroshot open_clip:ViT-L-14:" in err
+
+
 def test_zeroshot_refuses_a_classifier_checkpoint(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train-at", "quickstart", "--set", "schedule.epochs=1", "--set", "train.max_steps_per_epoch=1",
                            "--set", "output.tensorboard=false", "--out", tmp_path / "at", "-q")
@@ -155,3 +164,27 @@ def test_reproduce_table7_smoke_fills_every_runnable_cell(tmp_path, capsys):
     assert len(cells) == 1 + 6 * 4  # the teacher's ImageNet cell and four zero-shot columns of six student rows
     assert all(c["mean"] is not None and 0 <= c["mean"] <= 100 for c in cells)
     assert (tmp_path / "smoke" / "clip-teacher" / "results.json").is_file()
+
+
+def test_two_process_ddp_ranks_agree_and_read_their_own_streams(tmp_path):
+    import os
+    import subprocess
+
+    from test_ddp import _torchrun
+
+    from gklcli.models.clip import create_clip
+
+    write_synthetic_shards(tmp_path / "pairs", shards=2, per_shard=32, size=32, seed=0)
+    torch.manual_seed(0)
+    torch.save(create_clip("open_clip:gkl-tiny-clip-teacher").state_dict(), tmp_path / "teacher.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([*_torchrun(2), str(Path(__file__).with_name("ddp_clip_worker.py")), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["world"] == 2 and len(ranks[0]["keys"]) == 8  # the global batch of 16 split over two ranks
+    assert ranks[0]["keys"] != ranks[1]["keys"]  # each rank its own seeded stream (shards drawn with replacement)
+    for key, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][key]), key
+    assert (tmp_path / "run" / "results.json").is_file()
+

@@ -113,7 +113,10 @@ def reproduce(name: str, *, rows: Optional[str], seeds: int, out: Path, data_dir
                            f"`gkl reproduce {name} --status` shows their logs")
         if launch.launcher == "slurm":
             if console is not None:
-                console.print(f"when they are done: gkl reproduce {name} --report-only (or --status to follow them)")
+                cheap = any(j.kind == "teacher" or j.needs.ood or j.needs.zeroshot for j in plan.jobs.values())
+                console.print(f"when they are done: gkl reproduce {name} " + (
+                    "without --launcher (it reuses every run, makes the teacher reports and OOD/zero-shot evaluations here, "
+                    "and the report)" if cheap else "--report-only") + "; --status follows them")
             return None
     if not report_only:  # locally launched runs are done by now: this reuses them and makes what is cheap
         counts = _execute(plan, resume=resume or bool(launch and launch.active), device=device, console=console, quiet=quiet,
