@@ -228,7 +228,8 @@ def distill_cmd(
         resolved = load_recipe(resolve_recipe_path(recipe), overrides)
         if resolved.kind == "clip-kd":
             raise GKLError(f"{recipe}: --teacher-only is for classification teachers; a CLIP teacher's number is its zero-shot "
-                           f"accuracy: gkl eval-zeroshot {resolved.teacher.arch}:{resolved.teacher.checkpoint} --dataset imagenet")
+                           f"accuracy: gkl eval-zeroshot {resolved.teacher.arch}:{resolved.teacher.checkpoint} --dataset imagenet "
+                           f"--data-dir {data_dir or 'data'}")
         report = teacher_report(resolved, data_dir=data_dir, device=device)
         out.print_json(json.dumps(report))
         return

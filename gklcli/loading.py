@@ -100,6 +100,9 @@ def load_model_file(
         if missing or not _is_state_dict(obj.get("model")):
             raise GKLError(f"{path}: a damaged gkl checkpoint (missing or bad {', '.join(missing) or 'model'}); "
                            "re-save it from its run, or pass the weights as a plain state dict with --arch")
+        if obj.get("kind") == "clip-kd":
+            raise GKLError(f"{path}: a CLIP checkpoint ({obj['arch']}), not a classifier; evaluate it with gkl eval-zeroshot, "
+                           "or export its image tower with gkl export-vision-tower")
         name = arch or obj["arch"]
         if arch is not None and get_spec(arch).name != obj["arch"]:
             raise GKLError(f"{path}: --arch {arch} contradicts the checkpoint's architecture {obj['arch']}")

@@ -280,6 +280,7 @@ def _split(name: str) -> tuple[str, str]:
 def _read_shard(path: str, bad: _Bad) -> Iterator[_Raw]:
     """The complete samples of one shard in order; an unreadable or truncated shard counts once
     (the samples read before the damage are kept, the one in progress is dropped)."""
+    yielded = 0
     try:
         with tarfile.open(path, "r|*") as tar:
             key, files = None, {}
@@ -288,12 +289,20 @@ def _read_shard(path: str, bad: _Bad) -> Iterator[_Raw]:
                 if not member.isfile() or not extension:
                     continue
                 if name != key:
-                    yield from _paired(key, files, bad)
+                    for sample in _paired(key, files, bad):
+                        yielded += 1
+                        yield sample
                     key, files = name, {}
                 files[extension] = tar.extractfile(member).read()
-            yield from _paired(key, files, bad)
+            for sample in _paired(key, files, bad):
+                yielded += 1
+                yield sample
     except _TAR_ERRORS as error:
         log.warning("%s: unreadable shard, skipped (%s)", path, error)
+        bad.add("shard")
+        return
+    if not yielded:  # an empty shard (or one without a complete pair) must count: drawn forever, it would hang a stream
+        log.warning("%s: no complete image–caption pair, skipped", path)
         bad.add("shard")
 
 

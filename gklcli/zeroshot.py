@@ -453,7 +453,7 @@ def zeroshot_command(spec: str, datasets: list[str], data_dir: Union[str, Path],
     resolve_templates(templates)
     for dataset in datasets:  # every folder is checked before the model is loaded
         find_set(dataset, Path(data_dir), wnids)
-    loaded = resolve_clip(spec, device=device)
+    loaded = resolve_clip(spec, device=device, data_dir=str(data_dir))
     results = {d: evaluate_zeroshot(loaded, d, data_dir, batch_size=batch_size, num_workers=num_workers, device=device,
                                     templates=templates, limit=limit, wnids=wnids) for d in datasets}
     if out is not None:

@@ -148,6 +148,18 @@ def test_bf16_autocast_trains_and_teacher_only_points_to_zeroshot(pool, tmp_path
     assert code == 2 and "gkl eval-zeroshot open_clip:ViT-L-14:" in err
 
 
+def test_resume_refuses_another_worker_count_and_eval_aa_refuses_a_clip_checkpoint(pool, tmp_path, capsys):
+    recipe = _recipe(pool, "datacomp15m_vitl14_vitb16", "schedule.epochs=1")
+    with pytest.raises(Interrupted):
+        train_clip(recipe, out_dir=tmp_path, quiet=True, device="cpu", interrupt_after_steps=1)
+    sets = [x for s in [*TINY, f"data.pairs={pool / 'pairs'}", f"teacher.checkpoint={pool / 'teacher' / 'last.pt'}",
+                        "schedule.epochs=1", "data.num_workers=2"] for x in ("--set", s)]
+    code, _, err = run_cli(capsys, "distill", "datacomp15m_vitl14_vitb16", *sets, "--out", tmp_path, "--resume", "-q")
+    assert code == 2 and "data.num_workers (0 → 2)" in err, err
+    code, _, err = run_cli(capsys, "eval-aa", tmp_path / "last.pt", "--n-ex", "4")
+    assert code == 2 and "a CLIP checkpoint" in err and "Traceback" not in err
+
+
 def test_zeroshot_refuses_a_classifier_checkpoint(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train-at", "quickstart", "--set", "schedule.epochs=1", "--set", "train.max_steps_per_epoch=1",
                            "--set", "output.tensorboard=false", "--out", tmp_path / "at", "-q")

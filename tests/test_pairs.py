@@ -113,6 +113,17 @@ def test_a_truncated_or_garbage_shard_is_counted_and_the_stream_goes_on(tmp_path
     assert _total_bad(batches)["shard"] >= 1 and len(_keys(batches)) == 160
 
 
+def test_an_empty_shard_with_a_size_is_counted_and_never_hangs(tmp_path):
+    import json
+    import tarfile
+
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    (tmp_path / "sizes.json").write_text(json.dumps({"empty.tar": 100}))  # a stale count: the shard is empty
+    with pytest.raises(GKLError, match=r"1000 bad samples in a row \(the last: shard\)"):
+        list(PairBatches(open_pool(tmp_path), TRAIN, _tokens, batch_size=4, steps=1))
+
+
 def test_a_pool_where_every_sample_is_bad_stops_with_one_line(tmp_path):
     write_synthetic_shards(tmp_path, shards=1, per_shard=50, corrupt=50)
     with pytest.raises(GKLError, match=r"1000 bad samples in a row \(the last: image\); is every sample"):

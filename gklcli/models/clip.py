@@ -122,7 +122,10 @@ def load_weights(model: nn.Module, path: Path, arch: str) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 
-        state = load_safetensors(str(path))
+        try:
+            state = load_safetensors(str(path))
+        except Exception as error:  # SafetensorError, OSError: a damaged or foreign file
+            raise GKLError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:160] if str(error) else type(error).__name__})") from None
     else:
         obj = load_file(path)
         if isinstance(obj, dict) and obj.get("format") == "gkl-checkpoint":
@@ -170,15 +173,17 @@ class LoadedClip(NamedTuple):
     image: ImageSpec
 
 
-def resolve_clip(spec: str, *, device: torch.device | str = "cpu", cache_dir: Optional[str] = None) -> LoadedClip:
+def resolve_clip(spec: str, *, device: torch.device | str = "cpu", cache_dir: Optional[str] = None,
+                 data_dir: Optional[str] = None) -> LoadedClip:
     """A CLIP model for evaluation or export, in eval mode.
 
     `spec` is a gkl clip checkpoint (``runs/…/last.pt``), or ``open_clip:NAME:PRETRAINED`` (a tag or a
-    weight file), e.g. ``open_clip:ViT-L-14:datacomp_xl_s13b_b90k``."""
+    weight file, relative paths as `resolve_weights` finds them), e.g. ``open_clip:ViT-L-14:datacomp_xl_s13b_b90k``."""
     if is_clip(spec):
         rest = spec[len(PREFIX):]
         name, _, pretrained = rest.partition(":")
         arch = PREFIX + name
+        pretrained = resolve_weights(pretrained, data_dir) if pretrained else ""
         model = create_clip(arch, pretrained or None, cache_dir=cache_dir)
         source = pretrained or "random"
     else:

@@ -22,6 +22,7 @@ from gklcli.recipes import Recipe
 from gklcli.reproduce.plan import Plan, build_plan, plan_for, run_key
 from gklcli.reproduce.execute import Counts, job_state, eval_command, execute as _execute, mine, prepare_inputs, smoke_wnid
 from gklcli.reproduce.report import make_figures, write_report
+from gklcli.reproduce.zeroshot import zeroshot_command_line
 from gklcli.reproduce.estimate import GPU_FLOPS, estimate_gpu_hours, forward_flops, list_tables, print_list
 
 __all__ = [
@@ -39,10 +40,13 @@ def _recipe_summary(r: Recipe) -> str:
     """The resolved settings that tell runs apart, on one line."""
     from gklcli.train.preview import loss_text
 
+    from gklcli.losses import get_loss, loss_kind
+
     parts = [f"{r.model.arch} on {r.data.dataset}", f"{r.schedule.epochs} ep × batch {r.data.batch_size}", f"lr {r.optim.lr:g}",
              f"loss {loss_text(r)}", f"seed {r.train.seed}"]
     if r.kind in ("kd", "clip-kd"):
-        parts.insert(1, f"teacher {r.teacher.arch}")
+        needs = get_loss(r.loss.name, loss_kind(r.kind)).needs_teacher
+        parts.insert(1, f"teacher {r.teacher.arch}" if needs else "no teacher")
     else:
         parts.insert(3, f"attack {r.attack.loss}/{r.attack.schedule}, AWP {'on' if r.awp.enabled else 'off'}, avg {r.ema.mode}")
     return "; ".join(parts)
@@ -77,12 +81,11 @@ def print_dry_run(plan: Plan, console: Any) -> None:
     for job in jobs:
         console.print(f"  {escape(f'[{job_state(job)}]')} {job.key} {escape(job.name)} ≈ {estimate_gpu_hours(job):,.1f} GPU-h")
         console.print(f"      {escape(_recipe_summary(job.recipe))}")
-        console.print(f"      $ {escape(job.command())}")
+        clip_teacher = job.kind == "teacher" and job.recipe.kind == "clip-kd"
+        console.print(f"      $ {escape(zeroshot_command_line(job, plan) if clip_teacher else job.command())}")
         if job.kind == "at" and job.needs.adversarial:
             console.print(f"      $ {escape(eval_command(job, plan))}")
         if job.kind == "clip-kd" and job.needs.zeroshot:
-            from gklcli.reproduce.zeroshot import zeroshot_command_line
-
             console.print(f"      $ {escape(zeroshot_command_line(job, plan))}")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gklcli.errors import GKLError
-from gklcli.recipes import RESULT_NEUTRAL, Recipe, load_recipe, resolve_recipe_path
+from gklcli.recipes import RESULT_NEUTRAL, Recipe, load_recipe, order_settings, resolve_recipe_path
 from gklcli.tables import Row, RunSpec, Table, metric_parts, select_rows
 from gklcli.checkpoint import read_json
 
@@ -34,7 +34,8 @@ def run_key(recipe: Recipe) -> str:
     """Hash of the resolved recipe (seed included) without the settings that cannot change its numbers.
     File paths count by their file name only, so moving the data or the output does not orphan runs."""
     tree = recipe.to_dict()
-    for dotted in RESULT_NEUTRAL:  # settings that cannot change a run's numbers: where files are, logging, workers
+    kept = order_settings(tree)
+    for dotted in (d for d in RESULT_NEUTRAL if d not in kept):  # settings that cannot change a run's numbers: where files are, logging, workers
         *parents, last = dotted.rstrip(".").split(".")
         node = tree
         for part in parents:
@@ -120,9 +121,6 @@ class Job:
     def command(self) -> str:
         """The gkl command that makes this run by hand (e.g. under torchrun) at the same path."""
         sets = "".join(f" --set {o}" for o in self.overrides)
-        if self.kind == "teacher" and self.recipe.kind == "clip-kd":
-            t = self.recipe.teacher
-            return f"gkl eval-zeroshot {t.arch}:{t.checkpoint} " + " ".join(f"--dataset {n}" for n in sorted(self.needs.zeroshot))
         if self.kind == "teacher":
             return f"gkl distill {self.spec.recipe}{sets} --teacher-only"
         verb = "train-at" if self.kind == "at" else "distill"

@@ -17,6 +17,7 @@ SMOKE_SETS = {"imagenet": 1, "imagenet-v2": 2, "imagenet-sketch": 3, "imagenet-r
 
 def zeroshot_command_line(job: Job, plan: Plan) -> str:
     """The `gkl eval-zeroshot` command that makes a CLIP job's numbers by hand."""
+    # a teacher's weight file as the recipe names it: eval-zeroshot finds it under --data-dir as training does
     spec = f"{job.recipe.teacher.arch}:{job.recipe.teacher.checkpoint}" if job.kind == "teacher" else str(job.dir / f"{plan.checkpoint}.pt")
     sets = " ".join(f"--dataset {name}" for name in sorted(job.needs.zeroshot))
     return f"gkl eval-zeroshot {spec} {sets} --data-dir {plan.data_dir or 'data'}"
@@ -35,7 +36,7 @@ def _evaluate(spec: str, job: Job, plan: Plan, names: list[str], device: Optiona
     from gklcli.zeroshot import evaluate_zeroshot
 
     dev = pick_device(device)
-    loaded = resolve_clip(spec, device=dev, cache_dir=job.recipe.teacher.cache_dir)
+    loaded = resolve_clip(spec, device=dev, cache_dir=job.recipe.teacher.cache_dir, data_dir=plan.data_dir)
     d = job.recipe.data
     results = {}
     for name in names:
@@ -49,12 +50,27 @@ def _evaluate(spec: str, job: Job, plan: Plan, names: list[str], device: Optiona
     return results
 
 
+def _current(path: Path, digest: str) -> bool:
+    """A zero-shot result of this very checkpoint file (a retrained run's old numbers are not reused)."""
+    from gklcli.checkpoint import read_json
+
+    try:
+        return path.is_file() and read_json(path).get("checkpoint_sha256") == digest
+    except GKLError:
+        return False
+
+
 def evaluate_run(job: Job, plan: Plan, device: Optional[str]) -> int:
     """The zero-shot results a CLIP run still lacks, one file per set; returns how many ran."""
-    missing = [name for name in sorted(job.needs.zeroshot) if not zeroshot_path(job, plan.checkpoint, name).is_file()]
+    from gklcli.checkpoint import sha256_file
+
+    checkpoint = job.dir / f"{plan.checkpoint}.pt"
+    digest = sha256_file(checkpoint)
+    missing = [name for name in sorted(job.needs.zeroshot) if not _current(zeroshot_path(job, plan.checkpoint, name), digest)]
     if not missing:
         return 0
-    for name, result in _evaluate(str(job.dir / f"{plan.checkpoint}.pt"), job, plan, missing, device).items():
+    for name, result in _evaluate(str(checkpoint), job, plan, missing, device).items():
+        result["checkpoint_sha256"] = digest
         path = zeroshot_path(job, plan.checkpoint, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")

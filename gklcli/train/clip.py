@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -171,6 +171,8 @@ class ClipWorkload:
 
         self.recipe, self.env, d = recipe, env, recipe.data
         self.module = create_clip(recipe.model.arch)
+        if recipe.model.grad_checkpointing:  # OpenCLIP's --grad-checkpointing: recompute activations in backward
+            self.module.set_grad_checkpointing(True)
         self.image = image_spec(self.module)
         self.tokenize = tokenizer(recipe.model.arch)
         if d.batch_size % env.world_size:
@@ -193,10 +195,16 @@ class ClipWorkload:
             raise GKLError(f"data.batch_size: {error}") from None
         return min(steps, r.train.max_steps_per_epoch) if r.train.max_steps_per_epoch else steps
 
-    def _loader(self, stream: Any) -> Any:
-        """Batches come collated from the stream (its workers each own a lane of the epoch)."""
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.recipe.data.num_workers,
-                                           pin_memory=self.env.device.type == "cuda")
+    def _loader(self, stream: Any) -> Iterator[Any]:
+        """Batches come collated from the stream (its workers each own a lane of the epoch). The loader's
+        own generator keeps the training RNG untouched; a worker's GKLError stays one line."""
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.recipe.data.num_workers,
+                                             pin_memory=self.env.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(self.recipe.train.seed))
+        try:
+            yield from loader
+        except GKLError as error:  # raised in a worker, it carries the worker's traceback in its message
+            raise GKLError(str(error).strip().splitlines()[-1].removeprefix("gklcli.errors.GKLError: ")) from None
 
     def train_loader(self, epoch: int, start: int) -> Any:
         from gklcli.pairs import PairBatches, clip_transform

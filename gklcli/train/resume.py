@@ -12,7 +12,7 @@ from typing import Any
 
 from gklcli import checkpoint as ckpt
 from gklcli.errors import GKLError
-from gklcli.recipes import RESUME_SAFE
+from gklcli.recipes import RESUME_SAFE, order_settings
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -50,6 +50,7 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     keys = sorted(set(a) | set(b))
     # with per-epoch test evaluations the best so far depends on the test images evaluated
     unsafe = {"eval.n_test"} if b.get("eval.test_every_epochs") else set()
+    unsafe |= set(order_settings(current))
     return [k for k in keys if a.get(k) != b.get(k) and (k in unsafe or not k.startswith(RESUME_SAFE))]
 
 
