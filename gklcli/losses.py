@@ -417,6 +417,26 @@ def jsd(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0
     return (0.5 * (kl_pm + kl_qm)).mean()
 
 
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Per-row Pearson correlation (each row centred on its mean), as DIST computes it."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(logits_student: Tensor, logits_teacher: Tensor, *, beta: float = 1.0, gamma: float = 1.0,
+              temperature: float = 1.0) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022), the TABLE XIX baseline: relations instead of exact probabilities.
+
+    With y = softmax(z/τ): β·τ²·(1 − mean_i ρ(y_s[i,:], y_t[i,:])) (inter-class: each sample's scores over
+    the classes) + γ·τ²·(1 − mean_j ρ(y_s[:,j], y_t[:,j])) (intra-class: each class's scores over the
+    batch), ρ the Pearson correlation — the process's batch, not gathered, as DIST's code."""
+    s, t = _promote(logits_student, logits_teacher)
+    ys, yt = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
+    inter = 1 - _pearson_rows(ys, yt).mean()
+    intra = 1 - _pearson_rows(ys.T, yt.T).mean()
+    return temperature ** 2 * (beta * inter + gamma * intra)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The registry: every loss by name, and what it needs
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +450,8 @@ def jsd(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0
 KINDS = {"at": "adversarial-training", "kd": "distillation", "attack": "attack", "clip": "CLIP-distillation"}
 # how each setting is written in texts (the paper's symbols)
 SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "prior_temperature": "τ", "temperature": "T",
-           "weight_temperature": "T2", "trades_beta": "β_TRADES", "kd_weight": "KD weight"}
+           "weight_temperature": "T2", "trades_beta": "β_TRADES", "kd_weight": "KD weight", "dist_beta": "β_DIST",
+           "dist_gamma": "γ_DIST"}
 
 
 class LossEntry(NamedTuple):
@@ -522,6 +543,10 @@ def _dkd(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -
     return _only_ce(dkd_loss(s, t, y, alpha=c.alpha, beta=c.beta, temperature=c.temperature))
 
 
+def _dist(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
+    return _only_ce(c.kd_weight * dist_loss(s, t, beta=c.dist_beta, gamma=c.dist_gamma, temperature=c.temperature))
+
+
 def _ce(s: Tensor, t: Tensor | None, y: Tensor | None, prior: Tensor | None, c: Any) -> GKLTerms:
     return _only_ce(F.cross_entropy(s.float(), y))
 
@@ -554,6 +579,8 @@ LOSSES: dict[str, LossEntry] = {e.name: e for e in (
     LossEntry("jsd", "JSD", _jsd, ("kd",), ("temperature", "kd_weight"), note="Jensen-Shannon, appendix §6.6"),
     LossEntry("dkd", "DKD", _dkd, ("kd",), ("alpha", "beta", "temperature"), needs_targets=True,
               note="α·TCKD + β·NCKD (×T²), the DKD baseline"),
+    LossEntry("dist", "DIST", _dist, ("kd",), ("dist_beta", "dist_gamma", "temperature", "kd_weight"),
+              note="KD weight·τ²·(β_DIST·inter + γ_DIST·intra Pearson relations), the DIST baseline"),
     LossEntry("ce", "CE only", _ce, ("kd", "attack", "clip"), needs_targets=True, needs_teacher=False,
               note="the labels alone: as a distillation loss the student baseline (CLIP: the contrastive loss alone), "
                    "as an attack loss Madry's PGD"),

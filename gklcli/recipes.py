@@ -70,6 +70,9 @@ class ModelCfg:
     # clip-kd: recompute activations in the backward pass (OpenCLIP's --grad-checkpointing): ~3× less memory
     # for ~1.3× the time, what fits 1024 images per GPU of ViT-B/16
     grad_checkpointing: bool = False
+    # timm models (timm/NAME): stochastic depth, and initial weights from a local file (USB's ViT-small, …)
+    drop_path: float = _num(0.0, 0.0, 1.0)
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -117,8 +120,19 @@ class DataCfg:
     lt_test_list: str = "ImageNet_LT_test.txt"
     image_size: int = _num(224, 8)  # ImageNet crops
     test_path: Optional[str] = None  # an .npz test file for dataset=npz (final test numbers)
-    # basic: RandomCrop(32, 4) + flip; basic-rot15: + RandomRotation(15) (DM-AT's CIFAR-100 `base`)
-    augment: Literal["basic", "basic-rot15", "autoaug", "mdistiller", "imagenet", "none"] = "basic"
+    # basic: RandomCrop(32, 4) + flip; basic-rot15: + RandomRotation(15) (DM-AT's CIFAR-100 `base`);
+    # timm: timm's ImageNet training transform (RandomResizedCrop, flip, `rand_augment`, `re_prob`)
+    augment: Literal["basic", "basic-rot15", "autoaug", "mdistiller", "imagenet", "timm", "none"] = "basic"
+    rand_augment: Optional[str] = None  # augment=timm: timm's RandAugment string, e.g. rand-m7-mstd0.5 (None: none)
+    train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # augment=timm
+    re_prob: float = _num(0.0, 0.0, 1.0)  # augment=timm: random-erasing probability
+    eval_crop_pct: float = _num(0.875, 0.0, 1.0, lo_open=True)  # ImageNet evaluation: resize to size/crop_pct, centre crop
+    # Mixup/CutMix on the device batch (timm's Mixup; teacher and student see the same mixed images)
+    mixup: float = _num(0.0, 0.0)  # Mixup α (0: off)
+    cutmix: float = _num(0.0, 0.0)  # CutMix α (0: off)
+    mixup_prob: float = _num(1.0, 0.0, 1.0)
+    mixup_switch_prob: float = _num(0.5, 0.0, 1.0)
+    repeated_aug: int = _num(1, 1)  # repeated augmentation: each image this many times per epoch (timm's RepeatAugSampler)
     autoaug_fill: int = _num(128, 0, 255)  # AutoAugment's fill grey (official CIFAR10Policy: 128; torchvision: 0)
     batch_size: int = _num(128, 1)
     eval_batch_size: int = _num(256, 1)
@@ -146,7 +160,7 @@ class LossCfg:
     ``--beta`` is α here (see `gklcli.losses`).
     """
 
-    name: str = "gkl"  # a name of the loss registry (gklcli.losses.LOSSES): gkl, ikl, dkl, trades, kd, jsd, dkd, ce
+    name: str = "gkl"  # a name of the loss registry (gklcli.losses.LOSSES): gkl, ikl, dkl, trades, kd, jsd, dkd, dist, ce
     alpha: float = _num(20.0, 0.0)  # α: wMSE weight (the term is α/4·‖·‖²)
     beta: float = _num(4.0, 0.0)  # β: soft-label cross-entropy weight
     gamma: float = _num(1.0, 0.0, 1.0)  # γ: power on the wMSE weights
@@ -163,7 +177,10 @@ class LossCfg:
     forward_order: Literal["adv-first", "clean-first"] = "adv-first"
     label_smoothing: float = _num(0.0, 0.0, 1.0)
     warmup_epochs: int = _num(0, 0)  # KD: the distillation term is scaled by min(epoch/warmup, 1)
-    kd_weight: float = _num(1.0, 0.0)  # weight of the KL (KD) or JSD distillation term
+    kd_weight: float = _num(1.0, 0.0)  # weight of the KL (KD), JSD or DIST distillation term
+    dist_beta: float = _num(1.0, 0.0)  # DIST: weight of the inter-class (per sample) relation
+    dist_gamma: float = _num(1.0, 0.0)  # DIST: weight of the intra-class (per class, over the batch) relation
+    label_loss: Literal["ce", "bce"] = "ce"  # the label term: cross-entropy, or timm's BinaryCrossEntropy (Hao et al.)
 
 
 @dataclass
@@ -202,7 +219,7 @@ class AwpCfg:
 
 @dataclass
 class OptimCfg:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "lamb"] = "sgd"
     lr: float = _num(0.2, 0.0, lo_open=True)
     momentum: float = _num(0.9, 0.0, 1.0)
     weight_decay: float = _num(5e-4, 0.0)
@@ -214,6 +231,8 @@ class OptimCfg:
     beta2: float = _num(0.98, 0.0, 1.0)
     eps: float = _num(1e-6, 0.0, lo_open=True)
     decay_1d: bool = True
+    # layer-wise lr decay for ViTs (USB, BEiT): a parameter group at depth d of D gets lr·layer_decay^(D − d)
+    layer_decay: float = _num(1.0, 0.0, 1.0, lo_open=True)
 
 
 @dataclass
@@ -222,13 +241,18 @@ class ScheduleCfg:
     # cosine-official: lr·½(1+cos(π·epoch/(epochs+1))) per epoch, epochs counted from 1 (DKL code)
     # cosine-trades: lr·½(1+cos(π(epoch−1)/epochs)) (official train_trades_cifar.py); onecycle: DM-AT's
     # `cosinew` (torch OneCycleLR per epoch, warm-up = warmup_epochs, momentum cycled 0.95↔0.85)
-    lr_schedule: Literal["cosine-official", "cosine-trades", "onecycle", "cosine", "multistep", "constant"] = "cosine-official"
+    # cosine-timm: timm's CosineLRScheduler per epoch (linear warm-up from warmup_lr, cosine to min_lr);
+    # cosine-usb: USB's get_cosine_schedule_with_warmup per step, lr·cos(7π·k/(16·K)) after warmup_steps
+    lr_schedule: Literal["cosine-official", "cosine-trades", "onecycle", "cosine", "cosine-timm", "cosine-usb", "multistep",
+                         "constant"] = "cosine-official"
     milestones: list[int] = field(default_factory=list)
     lr_decay: float = _num(0.1, 0.0, 1.0)
     warmup_epochs: int = _num(0, 0)  # linear learning-rate warm-up
     warmup_mode: Literal["step", "epoch"] = "step"  # epoch: lr·e/W per epoch (the official ImageNet-LT script)
     # a linear warm-up over this many steps, then cosine to 0 over the rest (OpenCLIP's --warmup with cosine_lr)
     warmup_steps: int = _num(0, 0)
+    min_lr: float = _num(0.0, 0.0)  # cosine-timm: the last epochs' lr
+    warmup_lr: float = _num(0.0, 0.0)  # cosine-timm: the first warm-up epoch's lr
 
 
 @dataclass
@@ -242,6 +266,7 @@ class EmaCfg:
     # step mode (DM-AT's ema_update): the average copies the model for the first warmup_fraction of
     # all training steps, then decays by min(τ, (1+n)/(10+n)), n steps after the warm-up
     warmup_fraction: float = _num(0.0, 0.0, 1.0)
+    dynamic: bool = True  # step mode: DM-AT's dynamic decay min(τ, (1+n)/(10+n)); false: constant τ (USB's EMA)
 
 
 @dataclass
@@ -253,6 +278,23 @@ class TeacherCfg:
     checkpoint: Optional[str] = None  # relative paths are looked up under --data-dir's parent and ./
     # (kind clip-kd: an OpenCLIP pretrained tag such as datacomp_xl_s13b_b90k, or a weight file)
     cache_dir: Optional[str] = None  # clip-kd: where OpenCLIP keeps downloaded weights (None: the Hugging Face cache)
+
+
+@dataclass
+class SemiCfg:
+    """Semi-supervised learning (kind semi, TABLE XXII) as USB runs it: FixMatch or Mean-Teacher on a
+    labelled split of `num_labels` images (the same number per class, drawn with `split_seed`) and the
+    unlabelled rest; `loss.*` is the consistency term (the registry's kind "semi")."""
+
+    algorithm: Literal["fixmatch", "meanteacher"] = "fixmatch"
+    num_labels: int = _num(200, 1)  # labelled images in all (USB's num_labels); per class num_labels / classes
+    split_seed: int = 0  # USB's seed: the per-class shuffle that picks the labelled images
+    include_lb_to_ulb: bool = True  # the unlabelled set also holds the labelled images (USB's default)
+    uratio: int = _num(1, 1)  # unlabelled images per labelled one in a step
+    p_cutoff: Optional[float] = _num(0.95, 0.0, 1.0)  # confidence mask on the weak / teacher prediction (None: no mask)
+    hard_label: bool = True  # FixMatch: pseudo-labels as argmax (hard) or the weak softmax (soft)
+    ulb_loss_ratio: float = _num(1.0, 0.0)  # λ_u, the consistency weight
+    unsup_warmup: float = _num(0.0, 0.0, 1.0)  # a linear ramp of λ_u over this share of training (USB MT: 0.4)
 
 
 @dataclass
@@ -297,7 +339,7 @@ class OutputCfg:
 
 @dataclass
 class Recipe:
-    kind: Literal["at", "kd", "clip-kd"] = "at"
+    kind: Literal["at", "kd", "clip-kd", "semi"] = "at"
     meta: MetaCfg = field(default_factory=MetaCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -308,6 +350,7 @@ class Recipe:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     ema: EmaCfg = field(default_factory=EmaCfg)
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
+    semi: SemiCfg = field(default_factory=SemiCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     output: OutputCfg = field(default_factory=OutputCfg)

@@ -59,8 +59,8 @@ class StepEMA:
     while g < W (W = warmup_fraction · total steps), then decays by d = min(τ, (1+δ)/(10+δ)),
     δ = g − W. Only parameters are averaged; buffers (BN statistics) are the model's."""
 
-    def __init__(self, tau: float, initial: nn.Module, warmup_fraction: float = 0.0):
-        self.tau, self.warmup_fraction = tau, warmup_fraction
+    def __init__(self, tau: float, initial: nn.Module, warmup_fraction: float = 0.0, dynamic: bool = True):
+        self.tau, self.warmup_fraction, self.dynamic = tau, warmup_fraction, dynamic
         self.state: Optional[State] = _state(initial)
 
     def update_epoch(self, model: nn.Module, epoch: int) -> None:
@@ -70,6 +70,8 @@ class StepEMA:
         warmup = self.warmup_fraction * total_steps
         if global_step < warmup:
             return 0.0
+        if not self.dynamic:  # USB's EMA: a constant decay from the first step
+            return self.tau
         delta = global_step - warmup
         return min(self.tau, (1.0 + delta) / (10.0 + delta))
 
@@ -96,5 +98,5 @@ def make_averager(cfg, initial: nn.Module) -> Optional[EpochAverage | StepEMA]:
     if cfg.mode == "epoch":
         return EpochAverage(cfg.tau, cfg.start_epoch)
     if cfg.mode == "step":
-        return StepEMA(cfg.tau, initial, cfg.warmup_fraction)
+        return StepEMA(cfg.tau, initial, cfg.warmup_fraction, cfg.dynamic)
     return None

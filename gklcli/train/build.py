@@ -85,9 +85,27 @@ def parameter_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
             {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
 
 
+def layer_decay_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
+    """timm's layer-wise lr decay (USB's, BEiT's): groups by the model's `group_matcher` depth d of D, each
+    with lr_scale = layer_decay^(D − d); no weight decay on 1-D tensors and `no_weight_decay()` names."""
+    from timm.optim.optim_factory import param_groups_layer_decay
+
+    if not hasattr(module, "group_matcher"):
+        raise GKLError(f"optim.layer_decay: {type(module).__name__} has no layer groups (timm's group_matcher); "
+                       "layer-wise lr decay is for timm ViTs")
+    skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+    return param_groups_layer_decay(module, weight_decay=opt.weight_decay, no_weight_decay_list=skip,
+                                    layer_decay=opt.layer_decay)
+
+
 def make_optimizer(module: nn.Module, opt: Any) -> torch.optim.Optimizer:
-    """The recipe's SGD or AdamW (`optim`) over `parameter_groups(module, opt)`."""
-    groups = parameter_groups(module, opt)
+    """The recipe's SGD, AdamW or LAMB (`optim`) over `parameter_groups(module, opt)` (or, with
+    `optim.layer_decay` < 1, `layer_decay_groups`; the engine scales each group's lr by its lr_scale)."""
+    groups = layer_decay_groups(module, opt) if opt.layer_decay < 1 else parameter_groups(module, opt)
     if opt.name == "adamw":
         return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.name == "lamb":  # timm's LAMB (Hao et al.'s strong KD scheme)
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
     return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov)

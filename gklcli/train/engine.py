@@ -101,6 +101,7 @@ class Context:
     autocast: Callable[[], contextlib.AbstractContextManager]
     channels_last: bool
     class_counts: Optional[Tensor] = None  # training images per class (ImageNet-LT groups)
+    averager: Any = None  # the weight average (Mean-Teacher's teacher is the EMA of the student), if any
 
 
 class Engine:
@@ -144,6 +145,7 @@ class Engine:
             (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext,
             recipe.model.channels_last,
             self.workload.class_counts,
+            self.averager,
         )
         self.step = make_step(self.context)
         self.steps_per_epoch = self.workload.steps_per_epoch()
@@ -384,7 +386,7 @@ class Engine:
         r = self.recipe
         mom = momentum(r.optim, r.schedule, epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise lr decay
             if "momentum" in group:  # SGD (AdamW has betas)
                 group["momentum"] = mom
         first = r.model.bn_first_batch_stats and self.global_step == 0

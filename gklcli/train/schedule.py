@@ -46,8 +46,12 @@ def learning_rate(optim: Any, sched: Any, epoch: int, step: int, steps_per_epoch
     with ``warmup_mode: epoch`` lr·e/W held for each epoch e ≤ W (the ImageNet-LT script's).
     """
     base, total, warm = optim.lr, sched.epochs, sched.warmup_epochs
+    if sched.lr_schedule == "cosine-usb":
+        return _usb_cosine(base, sched.warmup_steps, (epoch - 1) * steps_per_epoch + step, total * steps_per_epoch)
     if sched.warmup_steps:
         return _step_cosine(base, sched.warmup_steps, (epoch - 1) * steps_per_epoch + step, total * steps_per_epoch)
+    if sched.lr_schedule == "cosine-timm":
+        return _timm_cosine(base, sched, epoch - 1)
     if sched.lr_schedule == "onecycle":
         initial = base / ONECYCLE_DIV
         return _onecycle(sched, epoch, initial, base, initial / ONECYCLE_FINAL_DIV)
@@ -74,6 +78,24 @@ def _step_cosine(base: float, warmup: int, step: int, total: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) * base
+
+
+def _usb_cosine(base: float, warmup: int, step: int, total: int) -> float:
+    """USB's `get_cosine_schedule_with_warmup` (num_cycles 7/16): base·k/warmup during the warm-up (0 at
+    the first step), then base·max(0, cos(7π/16 · (k − warmup)/(total − warmup)))."""
+    if step < warmup:
+        return base * step / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return base * max(0.0, math.cos(math.pi * 7.0 / 16.0 * progress))
+
+
+def _timm_cosine(base: float, sched: Any, t: int) -> float:
+    """timm's CosineLRScheduler stepped per epoch t = 0, 1, …: warmup_lr + t·(lr − warmup_lr)/warmup_epochs
+    during the warm-up, else min_lr + ½(lr − min_lr)(1 + cos(π·t/epochs)) (warm-up inside the cosine, as
+    timm without warmup_prefix)."""
+    if t < sched.warmup_epochs:
+        return sched.warmup_lr + t * (base - sched.warmup_lr) / sched.warmup_epochs
+    return sched.min_lr + 0.5 * (base - sched.min_lr) * (1 + math.cos(math.pi * t / sched.epochs))
 
 
 def momentum(optim: Any, sched: Any, epoch: int) -> float:
