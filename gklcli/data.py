@@ -16,6 +16,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import re
 import struct
 import zipfile
 import zlib
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from gklcli.datasets import DATASETS, facts
 from gklcli.errors import GKLError
-from gklcli.sampling import EpochBatchSampler, sample_seed
+from gklcli.sampling import EpochBatchSampler, sample_seed, seeded_rngs
 
 CIFAR = ("cifar10", "cifar100")  # loaded through torchvision
 _SPLIT_SEED = 0  # the validation split is the same for every run and seed (never the test set)
@@ -72,13 +73,16 @@ class FileSource:
     """Images in files (ImageNet ImageFolder, ImageNet-LT lists), decoded on access to uint8 C×H×W.
 
     `get` returns the full image (training crops it); `eval_get` the standard evaluation view:
-    resize the short side to size·256/224, then centre-crop `size`.
+    resize the short side to size·256/224, then centre-crop `size`. Another `crop_pct` or a bicubic
+    `interpolation` is timm's evaluation transform instead (resize to ⌊size/crop_pct⌋ on the PIL image).
     """
 
     paths: list[str]
     labels: np.ndarray
     name: str
     size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -101,14 +105,22 @@ class FileSource:
         from torchvision.transforms.v2 import functional as TF
 
         img, label = self.get(index)
+        if (self.crop_pct, self.interpolation) != (0.875, "bilinear"):
+            return timm_eval_view(img, self.size, self.crop_pct, self.interpolation), label
         img = TF.resize(img, [round(self.size * 256 / 224)], antialias=True)
         return TF.center_crop(img, [self.size, self.size]), label
 
     def subset(self, indices: np.ndarray, name: str) -> "FileSource":
-        return FileSource([self.paths[i] for i in indices], self.labels[indices], name, self.size)
+        return FileSource([self.paths[i] for i in indices], self.labels[indices], name, self.size, self.crop_pct, self.interpolation)
 
 
-def image_folder(root: Path, size: int, name: str) -> FileSource:
+def eval_view_settings(cfg: Any) -> dict[str, Any]:
+    """The evaluation crop of a `DataCfg`: data.eval_crop_pct; bicubic with augment timm (timm's resnet50 and
+    BEiTv2 configurations, Hao et al.'s evaluation), torchvision's bilinear otherwise."""
+    return {"crop_pct": cfg.eval_crop_pct, "interpolation": "bicubic" if cfg.augment == "timm" else "bilinear"}
+
+
+def image_folder(root: Path, size: int, name: str, **view: Any) -> FileSource:
     """torchvision ImageFolder layout: one folder per class, classes in sorted order."""
     if not root.is_dir():
         raise GKLError(f"{name}: {root} not found; expected one sub-folder per class (ImageFolder layout)")
@@ -121,10 +133,10 @@ def image_folder(root: Path, size: int, name: str) -> FileSource:
                 labels.append(label)
     if not paths:
         raise GKLError(f"{name}: no images under {root}")
-    return FileSource(paths, np.asarray(labels, dtype=np.int64), name, size)
+    return FileSource(paths, np.asarray(labels, dtype=np.int64), name, size, **view)
 
 
-def image_list(root: Path, list_file: str, size: int, name: str) -> FileSource:
+def image_list(root: Path, list_file: str, size: int, name: str, **view: Any) -> FileSource:
     """ImageNet-LT list files: `relative/path.JPEG label` per line, paths relative to the data root."""
     path = Path(list_file) if Path(list_file).is_absolute() else root / list_file
     if not path.is_file():
@@ -138,7 +150,7 @@ def image_list(root: Path, list_file: str, size: int, name: str) -> FileSource:
             raise GKLError(f"{path}:{number}: expected 'relative/path.jpg label', got {line!r}")
         paths.append(str(root / parts[0]))
         labels.append(int(parts[1]))
-    return FileSource(paths, np.asarray(labels, dtype=np.int64), name, size)
+    return FileSource(paths, np.asarray(labels, dtype=np.int64), name, size, **view)
 
 
 def _check_arrays(images: Any, labels: np.ndarray, name: str, num_classes: Optional[int]) -> None:
@@ -364,9 +376,9 @@ def load_test_set(cfg: Any, data_dir: Optional[str] = None, num_classes: Optiona
     if name == "npz":
         return load_npz(cfg.test_path, num_classes) if cfg.test_path else None
     if name == "imagenet":
-        return image_folder(root / "val", cfg.image_size, "imagenet val")
+        return image_folder(root / "val", cfg.image_size, "imagenet val", **eval_view_settings(cfg))
     if name == "imagenet-lt":
-        return image_list(root, cfg.lt_test_list, cfg.image_size, "imagenet-lt test")
+        return image_list(root, cfg.lt_test_list, cfg.image_size, "imagenet-lt test", **eval_view_settings(cfg))
     raise _not_available(name)
 
 
@@ -392,13 +404,13 @@ def build_data(cfg: Any, data_dir: Optional[str] = None, num_classes: Optional[i
         train = load_npz(cfg.path, num_classes)
         classes = num_classes or int(train.labels.max()) + 1
     elif name == "imagenet":
-        train = image_folder(root / "train", cfg.image_size, "imagenet train")
+        train = image_folder(root / "train", cfg.image_size, "imagenet train", **eval_view_settings(cfg))
         classes = int(train.labels.max()) + 1
     elif name == "imagenet-lt":
-        train = image_list(root, cfg.lt_train_list, cfg.image_size, "imagenet-lt train")
+        train = image_list(root, cfg.lt_train_list, cfg.image_size, "imagenet-lt train", **eval_view_settings(cfg))
         classes = num_classes or facts(name).classes
         test = load_test_set(cfg, data_dir, classes)
-        val = image_list(root, cfg.lt_val_list, cfg.image_size, "imagenet-lt val")
+        val = image_list(root, cfg.lt_val_list, cfg.image_size, "imagenet-lt val", **eval_view_settings(cfg))
         return DataBundle(train, val, test, None, classes, name)
     else:
         raise _not_available(name)
@@ -484,35 +496,92 @@ class _SeededTransform:
             return self.transform(img)
 
 
+_RAND_AUGMENT = re.compile(r"rand(-((m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d+)?|t[a-z_]+))*")
+
+
+class TimmTransform:
+    """timm's ImageNet training transform (`create_transform(is_training=True)`: RandomResizedCrop with
+    `interpolation`, flip ½, RandAugment `rand_augment`, no colour jitter, prefetcher output = uint8) on
+    the PIL image, its draws (Python's, NumPy's and torch's global RNGs) seeded per sample. Random erasing
+    (data.re_prob) runs on the device batch (the distillation step), as timm's prefetcher does."""
+
+    def __init__(self, size: int, rand_augment: Optional[str], interpolation: str) -> None:
+        from timm.data import create_transform
+
+        try:  # timm skips sections it cannot parse (rand-m7-xyz); gkl accepts the RandAugment grammar only
+            if rand_augment is not None and not _RAND_AUGMENT.fullmatch(rand_augment):
+                raise ValueError("expected rand-SECTION-… with sections m, n, p, mstd, mmax, inc (a number) or t (a name)")
+            self.transform = create_transform(size, is_training=True, auto_augment=rand_augment, interpolation=interpolation,
+                                              color_jitter=None, re_prob=0.0, use_prefetcher=True)
+            self(torch.full((3, max(size, 16), max(size, 16)), 128, dtype=torch.uint8), 0)  # a string timm parses lazily
+        except Exception as error:  # timm's parsers raise AssertionError, KeyError, ValueError …
+            detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            raise GKLError(f"data.rand_augment: {rand_augment!r} is not a RandAugment string timm takes ({detail}); "
+                           "e.g. rand-m7-mstd0.5") from None
+
+    def __call__(self, img: Tensor, seed: int) -> Tensor:
+        from PIL import Image
+
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        with seeded_rngs(seed):
+            return torch.from_numpy(np.ascontiguousarray(self.transform(pil)))
+
+
+_EVAL_TRANSFORMS: dict[tuple, Any] = {}
+
+
+def timm_eval_view(img: Tensor, size: int, crop_pct: float, interpolation: str) -> Tensor:
+    """timm's evaluation transform: resize the short side to ⌊size/crop_pct⌋ and centre-crop `size` (PIL)."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    key = (size, crop_pct, interpolation)
+    if key not in _EVAL_TRANSFORMS:
+        _EVAL_TRANSFORMS[key] = create_transform(size, crop_pct=crop_pct, interpolation=interpolation, use_prefetcher=True)
+    out = _EVAL_TRANSFORMS[key](Image.fromarray(img.permute(1, 2, 0).numpy()))
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
 class TrainView(torch.utils.data.Dataset):
-    """Augmented training samples, indexed by ``(epoch, index)`` pairs from `EpochBatchSampler`.
+    """Augmented training samples, indexed by ``(epoch, index)`` pairs from `EpochBatchSampler`
+    (``(epoch, index, copy)`` under repeated augmentation: each copy is augmented with its own seed).
 
     Indices ≥ len(real) address the generated set. augment: basic (crop+flip), basic-rot15 (crop,
-    flip, RandomRotation(15): DM-AT's CIFAR-100 training transform), none, or autoaug (returns the
-    basic view *and* an independently cropped/flipped AutoAugment view).
+    flip, RandomRotation(15): DM-AT's CIFAR-100 training transform), none, autoaug (returns the
+    basic view *and* an independently cropped/flipped AutoAugment view), imagenet, or timm (`timm`: a
+    `TimmTransform`; `train_view` builds it from the recipe).
     """
 
-    def __init__(self, real: ArraySource, generated: Optional[ArraySource], augment: str, seed: int, autoaug_fill: int = 128):
+    def __init__(self, real: ArraySource, generated: Optional[ArraySource], augment: str, seed: int, autoaug_fill: int = 128,
+                 timm: Optional[TimmTransform] = None):
         if augment == "mdistiller":  # mdistiller's CIFAR augmentation is the basic crop + flip
             augment = "basic"
-        if augment not in ("basic", "basic-rot15", "autoaug", "none", "imagenet"):
-            raise GKLError(f"data.augment: {augment!r} is not supported (basic, basic-rot15, mdistiller, autoaug, imagenet, none)")
+        if augment not in ("basic", "basic-rot15", "autoaug", "none", "imagenet", "timm"):
+            raise GKLError(f"data.augment: {augment!r} is not supported (basic, basic-rot15, mdistiller, autoaug, imagenet, timm, none)")
         self.real, self.generated, self.augment, self.seed = real, generated, augment, seed
         self._autoaug = _SeededTransform("autoaug", fill=autoaug_fill) if augment == "autoaug" else None
         self._rotate = _SeededTransform("rotate15") if augment == "basic-rot15" else None
         self._resized_crop = _SeededTransform("resized_crop", real.image_size) if augment == "imagenet" else None
+        self._timm = timm
 
     def __len__(self) -> int:
         return len(self.real) + (len(self.generated) if self.generated is not None else 0)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> tuple:
+        epoch, index, *copy = key
         n_real = len(self.real)
         img, label = self.real.get(index) if index < n_real else self.generated.get(index - n_real)
         seed = sample_seed(self.seed, epoch, index)
+        if copy and copy[0]:  # repeated augmentation: copy 0 keeps the sample's seed, the others get their own
+            seed = sample_seed(seed, copy[0], -1)
         gen = torch.Generator().manual_seed(seed)
         if self.augment == "none":
             return img, label
+        if self.augment == "timm":
+            if self._timm is None:
+                raise GKLError("data.augment: 'timm' needs its settings (data.rand_augment, …): it is for kind 'kd' "
+                               "(the view data.train_view builds)")
+            return self._timm(img, seed), label
         if self._resized_crop is not None:
             return self._resized_crop(img, seed), label
         basic = crop_flip(img, gen)
@@ -536,6 +605,12 @@ class EvalView(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.source.eval_get(index)
+
+
+def train_view(cfg: Any, real: Any, generated: Optional[ArraySource], seed: int) -> TrainView:
+    """The training view of a `DataCfg` (augment timm: its RandAugment string and interpolation)."""
+    timm = TimmTransform(real.image_size, cfg.rand_augment, cfg.train_interpolation) if cfg.augment == "timm" else None
+    return TrainView(real, generated, cfg.augment, seed, cfg.autoaug_fill, timm)
 
 
 def to_float(images: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:

@@ -8,8 +8,11 @@ epoch sees exactly the batches the interrupted run would have seen (see `gklcli.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,6 +26,38 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
     x ^= x >> 32
     return x & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
+    """Python's, NumPy's and torch's global RNGs (the CPU one, and `device`'s when it is a GPU) seeded from
+    `seed` for the block, then restored: for third-party code that draws from them (timm's RandAugment,
+    Mixup, RandomErasing), so its draws depend on `seed` alone and the caller's RNG streams are untouched."""
+    python, numpy = random.getstate(), np.random.get_state()
+    cuda = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed every GPU as well
+        for dev in cuda:
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF])
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+REPEAT_ROUND = 256  # timm RepeatAugSampler's selected_round
+
+
+def repeated_epoch_images(num: int, world_size: int) -> int:
+    """Images per epoch of repeated augmentation, as timm's `RepeatAugSampler` counts them (summed over the
+    ranks): each rank takes ⌊(num // 256 · 256) / ranks⌋. Sets smaller than 256 images, where timm's count
+    would be 0, take ⌈num / ranks⌉ per rank (timm's rule with selected_round = 0)."""
+    per_rank = (num // REPEAT_ROUND * REPEAT_ROUND) // world_size if num >= REPEAT_ROUND else -(-num // world_size)
+    return per_rank * world_size
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,6 +83,12 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     Every choice is seeded by (seed, epoch, batch), so `set_epoch(epoch, start)` resumes exactly at
     batch `start` of the epoch.
+
+    ``repeats`` > 1 is repeated augmentation (timm's `RepeatAugSampler`, DeiT's RASampler): the epoch's
+    permutation with every index repeated `repeats` times in a row, cut to `repeated_epoch_images`; rank r
+    takes every world_size-th image of a global batch starting at r (timm's `indices[rank::num_replicas]`),
+    so the copies of an image go to different ranks, or into the same batch on one process. Those batches
+    yield ``(epoch, index, copy)`` so that each copy gets its own augmentation.
     """
 
     def __init__(
@@ -63,7 +104,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        repeats: int = 1,
     ):
+        if repeats > 1 and num_generated:
+            raise GKLError(f"data.repeated_aug: {repeats} is not implemented with generated data (data.generated.path)")
         if batch_size % world_size:
             raise GKLError(f"data.batch_size: {batch_size} is not divisible by the {world_size} DDP processes")
         self.num_real, self.batch_size, self.seed = num_real, batch_size, seed
@@ -80,6 +124,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             raise GKLError("data.generated.fraction: leaves no real images in a batch; use a value below 1")
         self.epoch_images = num_real if epoch_images is None else epoch_images
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.repeats = repeats
+        if repeats > 1:
+            self.num_images = min(repeated_epoch_images(num_real, world_size), num_real * repeats)
         self.epoch, self.start = 1, 0
 
     def __len__(self) -> int:
@@ -88,7 +135,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def batches_per_epoch(self) -> int:
         if self.dmat:
             return -(-self.epoch_images // self.batch_size)
-        full, rest = divmod(self.num_real, self.n_real)
+        full, rest = divmod(self.num_images if self.repeats > 1 else self.num_real, self.n_real)
         return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -120,7 +167,16 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             parts.append(self._generated(k, count))
         return parts
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def _repeated(self) -> Iterator[list[tuple[int, ...]]]:
+        stream = self._permutation(0).repeat_interleave(self.repeats)[: self.num_images]
+        for k in range(self.start, self.batches_per_epoch()):
+            positions = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, len(stream)))[self.rank :: self.world_size]
+            yield [(self.epoch, int(stream[p]), int(p) % self.repeats) for p in positions]
+
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        if self.repeats > 1:
+            yield from self._repeated()
+            return
         perm = None if self.dmat else self._permutation(0)
         for k in range(self.start, self.batches_per_epoch()):
             parts = [self._global_batch_dmat(k)] if self.dmat else self._global_parts(perm, k)
@@ -138,5 +194,5 @@ def make_batch_sampler(cfg: Any, num_train: int, num_generated: int, *, seed: in
     return EpochBatchSampler(
         num_train, cfg.batch_size, seed=seed, num_generated=num_generated, generated_fraction=cfg.generated.fraction,
         generated_sampler=cfg.generated.sampler, epoch_images=num_train + holdout, drop_last=cfg.drop_last,
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, repeats=cfg.repeated_aug,
     )

@@ -2,6 +2,7 @@
 
 # Import order is listing order: adversarial-training models first, then the KD zoo, then ImageNet.
 from gklcli.models import wideresnet, dm_wideresnet, resnet_cifar, resnet_kd, vgg, shufflenet, mobilenet, imagenet  # noqa: F401,I001
+from gklcli.models import timm_models  # noqa: F401 (timm/NAME: TABLE XIX's BEiTv2-L teacher and ResNet-50 student)
 from gklcli.models.batchnorm import GhostBatchNorm2d, bn_momentum, use_ghost_batch_norm
 from gklcli.models.registry import (
     ModelSpec,
