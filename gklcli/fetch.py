@@ -286,6 +286,10 @@ def fetch_command(kind: str, recipe: Any) -> Optional[str]:
     ("teacher"), for the refusals that name a missing file; None where nothing can fetch it."""
     if kind == "generated":
         return f"gkl fetch generated {recipe.meta.name} --data-dir DATA_DIR" if recipe.meta.name in GENERATED else None
+    from gklcli.models.timm_models import is_timm
+
+    if is_timm(recipe.teacher.arch):  # timm teachers come from the Hugging Face hub; the refusal names the command
+        return None
     dataset = "clip" if recipe.kind == "clip-kd" else recipe.data.dataset
     return f"gkl fetch teachers {dataset} --data-dir DATA_DIR" if dataset in ("cifar100", "imagenet", "clip") else None
 
@@ -300,7 +304,9 @@ def fetch_for(recipes: list[Any], f: Fetcher) -> list[Path]:
         if not (f.data_dir / "generated" / f"{name}.npz").is_file():
             fetched.append(fetch_generated(name, f))
     for dataset in sorted({r.data.dataset for r in recipes if r.kind == "kd" and r.teacher.checkpoint} & {"cifar100", "imagenet"}):
-        wanted = [r.teacher.checkpoint for r in recipes if r.kind == "kd" and r.data.dataset == dataset]
+        from gklcli.models.timm_models import is_timm
+
+        wanted = [r.teacher.checkpoint for r in recipes if r.kind == "kd" and r.data.dataset == dataset and not is_timm(r.teacher.arch)]
         try:
             for checkpoint in wanted:
                 resolve_teacher_path(checkpoint, str(f.data_dir))

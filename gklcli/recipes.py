@@ -539,9 +539,15 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
             "(RandomResizedCrop, scale 0.9–1): set data.augment: none")
     require(not clip or recipe.loss.label_smoothing == 0, "loss.label_smoothing", "CLIP's contrastive loss has no label smoothing")
     require(clip or not model.grad_checkpointing, "model.grad_checkpointing", "is for kind 'clip-kd' (OpenCLIP models)")
+    for key in ("mixup", "cutmix", "re_prob"):  # the device-batch augmentations of the KD step (TABLE XIX)
+        require(recipe.kind == "kd" or getattr(data, key) == 0, f"data.{key}", "is applied by the distillation step (kind 'kd')")
+    require(recipe.kind == "kd" or recipe.loss.label_loss == "ce", "loss.label_loss", "'bce' is for kind 'kd'")
+    require(data.augment == "timm" or data.rand_augment is None, "data.rand_augment", "is for data.augment 'timm'")
+    require(data.augment == "timm" or data.train_interpolation == "bilinear", "data.train_interpolation", "is for data.augment 'timm'")
     require(recipe.optim.name == "sgd" or recipe.optim.nesterov is False, "optim.nesterov", "is for optim.name 'sgd'")
-    require(sched.warmup_steps == 0 or (sched.lr_schedule == "cosine" and sched.warmup_epochs == 0), "schedule.warmup_steps",
-            "is OpenCLIP's step warm-up before a cosine schedule: use schedule.lr_schedule 'cosine' and no warmup_epochs")
+    require(sched.warmup_steps == 0 or (sched.lr_schedule in ("cosine", "cosine-usb") and sched.warmup_epochs == 0),
+            "schedule.warmup_steps", "is a step warm-up before schedule.lr_schedule 'cosine' (OpenCLIP's) or 'cosine-usb' "
+            "(USB's), without warmup_epochs")
     _check_loss(recipe, sources)
 
 

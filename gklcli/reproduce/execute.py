@@ -135,7 +135,7 @@ def check_inputs(jobs: list[Job], plan: Plan) -> None:
             check_clip_inputs(job, plan)
         if r.kind == "kd" and (job.kind == "teacher" or get_loss(r.loss.name, "kd").needs_teacher):
             try:
-                resolve_teacher_path(r.teacher.checkpoint, plan.data_dir)
+                resolve_teacher_path(r.teacher.checkpoint, plan.data_dir, arch=r.teacher.arch)
             except GKLError as err:
                 raise GKLError(f"{r.meta.name}: {err}{hint('teacher', r)}") from None
 

@@ -93,7 +93,7 @@ def loss_text(recipe: Recipe) -> str:
     """The training loss as the registry describes it, with the hard-label CE beside it."""
     loss, kind = recipe.loss, loss_kind(recipe.kind)
     text = get_loss(loss.name, kind).describe(kind, loss)
-    first = "contrastive" if kind == "clip" else "CE"
+    first = "contrastive" if kind == "clip" else "BCE" if loss.label_loss == "bce" else "CE"
     return f"{first} ×{loss.ce_weight:g} + {text}" if loss.name != "ce" else f"{first} only" if kind == "clip" else text
 
 
