@@ -144,7 +144,7 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
     """The shared body of `gkl train-at` and `gkl distill`: resolve, preview or run (per seed), report."""
     from gklcli.recipes import load_recipe, resolve_recipe_path
 
-    command = {"at": "train-at", "kd": "distill"}[kind]
+    command = {"at": "train-at", "kd": "distill", "semi": "train-semi"}[kind]
     resolved = load_recipe(resolve_recipe_path(recipe), overrides)
     kinds = ("kd", "clip-kd") if kind == "kd" else (kind,)  # gkl distill: classification or CLIP distillation
     if resolved.kind not in kinds:
@@ -152,8 +152,10 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
     if overwrite:
         resolved.output.overwrite = True
     if dry_run:
-        from gklcli.train.preview import run_preview, print_preview
-
+        if kind == "semi":  # its own preview: no data read
+            from gklcli.train.semi import print_semi_preview as print_preview, semi_preview as run_preview
+        else:
+            from gklcli.train.preview import run_preview, print_preview
         sys.stdout.write(resolved.to_yaml())
         print_preview(run_preview(resolved), resolved, out)
         return
@@ -235,6 +237,17 @@ def distill_cmd(
         return
     _train_command("kd", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device,
                    _launch(launcher, gpus, partition, time, account, qos, constraint, mem, slurm_args))
+
+
+@app.command("train-semi")
+def train_semi_cmd(
+    recipe: str = typer.Argument(..., help="A semi-supervised recipe file or name (e.g. cifar100_200_fixmatch_gkl)."),
+    overrides: List[str] = RECIPE_OPT, output: Optional[str] = OUT_OPT, data_dir: Optional[str] = DATA_OPT,
+    resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT, dry_run: bool = DRY_OPT, seeds: int = SEEDS_OPT,
+    quiet: bool = QUIET_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Semi-supervised learning (USB's FixMatch / Mean-Teacher) with a GKL, CE, soft-CE or MSE consistency (TABLE XXII)."""
+    _train_command("semi", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device)
 
 
 def _parse_list(text: Optional[str], what: str, convert) -> list:

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gklcli import semi_losses as semi
+
 Normalization = Literal["weights", "batch"]
 
 
@@ -444,10 +446,12 @@ def dist_loss(logits_student: Tensor, logits_teacher: Tensor, *, beta: float = 1
 # A task names its loss (`loss.name` of a recipe, `attack.loss` of adversarial training) and gets a
 # `LossEntry`: the function, the recipe settings it reads, whether it needs the labels or a class
 # prior. Steps, the `--dry-run` text and the reproduce reports all go through it; a new task adds
-# entries. Kinds: "at" (the robust term of adversarial training), "kd" (the distillation term) and
-# "attack" (the inner maximisation of adversarial training).
+# entries. Kinds: "at" (the robust term of adversarial training), "kd" (the distillation term),
+# "attack" (the inner maximisation of adversarial training), "clip" (CLIP distillation) and "semi" (the
+# consistency term of semi-supervised learning, formulas in `gklcli.semi_losses`).
 
-KINDS = {"at": "adversarial-training", "kd": "distillation", "attack": "attack", "clip": "CLIP-distillation"}
+KINDS = {"at": "adversarial-training", "kd": "distillation", "attack": "attack", "clip": "CLIP-distillation",
+         "semi": "semi-supervised consistency"}
 # how each setting is written in texts (the paper's symbols)
 SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "prior_temperature": "τ", "temperature": "T",
            "weight_temperature": "T2", "trades_beta": "β_TRADES", "kd_weight": "KD weight", "dist_beta": "β_DIST",
@@ -459,7 +463,13 @@ class LossEntry(NamedTuple):
 
     `settings(kind, weights)` is the tuple of `loss.*` recipe keys it reads for that kind (a key set
     but not read is refused by the recipe check); `prior` says that class-wise weights come from a
-    `ClassPrior`, built with the temperature named by `prior_temperature_key(kind)`."""
+    `ClassPrior`, built with the temperature named by `prior_temperature_key(kind)`.
+
+    `variants`: kinds with their own formula of the loss, ``(kind, compute, reads)``; `function(kind)`
+    is the one a task of that kind calls. Kind "semi" calls ``compute(student, teacher, mask, None,
+    settings)``: the third argument is the unlabelled samples' confidence mask (1/0 per sample, None:
+    all kept) instead of labels, and the terms are masked per sample and averaged over the whole
+    unlabelled batch (USB's masked mean, `gklcli.semi_losses`)."""
 
     name: str
     title: str
@@ -470,18 +480,24 @@ class LossEntry(NamedTuple):
     needs_targets: bool = False
     needs_teacher: bool = True
     note: str = ""
+    variants: tuple[tuple[str, Any, tuple[str, ...]], ...] = ()
+
+    def function(self, kind: str) -> Any:
+        """The compute function a task of `kind` calls (its variant, else `compute`)."""
+        return next((f for k, f, _ in self.variants if k == kind), self.compute)
 
     def prior_temperature_key(self, kind: str) -> str:
         # the official AT code builds the prior at τ (its --T); the official KD code at T2
         return "prior_temperature" if kind == "at" else "weight_temperature"
 
     def uses_prior(self, kind: str, weights: str) -> bool:
-        # CLIP's "classes" are the batch's captions: no class prior, its weights are sample-wise (§4.4)
-        return self.prior and weights == "class" and kind not in ("attack", "clip")
+        # CLIP's "classes" are the batch's captions: no class prior, its weights are sample-wise (§4.4);
+        # semi-supervised consistency has no labels for the unlabelled images: sample-wise as well
+        return self.prior and weights == "class" and kind not in ("attack", "clip", "semi")
 
     def settings(self, kind: str, weights: str = "class") -> tuple[str, ...]:
         """The loss.* keys this loss reads for `kind` (with `weights` class- or sample-wise)."""
-        keys = list(self.reads)
+        keys = list(next((r for k, _, r in self.variants if k == kind), self.reads))
         if self.prior:
             keys.append("weights")
             if self.uses_prior(kind, weights):
@@ -559,6 +575,11 @@ def _sce(s: Tensor, t: Tensor, y: Tensor | None, prior: Tensor | None, c: Any) -
     return _only_ce(soft_cross_entropy(s, t))
 
 
+def _terms(compute: Any) -> Any:
+    """A `gklcli.semi_losses` compute (returning (wmse, ce)) as a registry compute."""
+    return lambda s, t, mask, prior, c: GKLTerms(*compute(s, t, mask, prior, c))
+
+
 class _Fixed:
     """The official attack loss's fixed settings: GKL with α = β = γ = 1 (and the training prior)."""
 
@@ -568,9 +589,11 @@ class _Fixed:
 
 _GKL_READS = ("alpha", "beta", "gamma", "temperature", "normalization")
 LOSSES: dict[str, LossEntry] = {e.name: e for e in (
-    LossEntry("gkl", "GKL", _gkl, ("at", "kd", "attack", "clip"), _GKL_READS, prior=True, needs_targets=True,
+    LossEntry("gkl", "GKL", _gkl, ("at", "kd", "attack", "clip", "semi"), _GKL_READS, prior=True, needs_targets=True,
               note="Eq. 13: α/4·wMSE + β·soft-label CE; as an attack loss α = β = γ = 1 (official CIFAR-100); "
-                   "on CLIP similarities sample-wise, both directions (§4.4)"),
+                   "on CLIP similarities sample-wise, both directions (§4.4); as a semi-supervised consistency "
+                   "sample-wise, wMSE / Σw per sample, masked (§6.4)",
+              variants=(("semi", _terms(semi.gkl_consistency), ("alpha", "beta", "gamma")),)),
     LossEntry("ikl", "IKL", _ikl, ("at", "kd"), ("alpha", "beta", "temperature"), prior=True, needs_targets=True,
               note="the conference version: γ = 1, wMSE / B"),
     LossEntry("dkl", "DKL", _dkl, ("at",), ("alpha", "beta"), note="Theorem 1 without the GKL changes"),
@@ -581,11 +604,16 @@ LOSSES: dict[str, LossEntry] = {e.name: e for e in (
               note="α·TCKD + β·NCKD (×T²), the DKD baseline"),
     LossEntry("dist", "DIST", _dist, ("kd",), ("dist_beta", "dist_gamma", "temperature", "kd_weight"),
               note="KD weight·τ²·(β_DIST·inter + γ_DIST·intra Pearson relations), the DIST baseline"),
-    LossEntry("ce", "CE only", _ce, ("kd", "attack", "clip"), needs_targets=True, needs_teacher=False,
+    LossEntry("ce", "CE only", _ce, ("kd", "attack", "clip", "semi"), needs_targets=True, needs_teacher=False,
               note="the labels alone: as a distillation loss the student baseline (CLIP: the contrastive loss alone), "
-                   "as an attack loss Madry's PGD"),
+                   "as an attack loss Madry's PGD; as a semi-supervised consistency the CE on hard pseudo-labels, masked",
+              variants=(("semi", _terms(semi.consistency(semi.hard_ce)), ()),)),
     LossEntry("kl", "KL", _kl, ("attack",), note="KL(clean ‖ adversarial), TRADES' attack"),
-    LossEntry("sce", "soft-label CE", _sce, ("attack",), note="the official CIFAR-10 attack loss"),
+    LossEntry("sce", "soft-label CE", _sce, ("attack", "semi"),
+              note="the official CIFAR-10 attack loss; as a semi-supervised consistency the CE on soft pseudo-labels "
+                   "(= KL up to a constant), masked", variants=(("semi", _terms(semi.consistency(semi.soft_ce)), ()),)),
+    LossEntry("mse", "MSE", _terms(semi.consistency(semi.mse)), ("semi",),
+              note="Mean-Teacher's consistency: the mean over classes of (softmax(s) − softmax(t))², masked"),
 )}
 LOSS_SETTINGS = tuple(dict.fromkeys(k for e in LOSSES.values() for kind in e.kinds for w in ("class", "sample")
                                     for k in e.settings(kind, w)))
@@ -638,7 +666,7 @@ class LossTerm:
         return self.prior.prior if self.prior is not None else None
 
     def __call__(self, student: Tensor, teacher: Tensor | None, targets: Tensor | None) -> GKLTerms:
-        return self.entry.compute(student, teacher, targets, self.matrix, self.settings)
+        return self.entry.function(self.kind)(student, teacher, targets, self.matrix, self.settings)
 
     def both_directions(self, student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], targets: Tensor) -> GKLTerms:
         """CLIP distillation (§4.4): the loss on the image→text and on the text→image similarity logits

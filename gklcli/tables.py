@@ -25,7 +25,8 @@ ood:imagenet-r, ood:imagenet-sketch for distillation. `top1` is the last epoch's
 epochs, mdistiller's protocol that the paper's CIFAR-100 and ImageNet KD tables report; its recipe
 must evaluate the test set every epoch (`eval.test_every_epochs`), and reports label such cells.
 zeroshot:D (D = imagenet, imagenet-v2, imagenet-sketch, imagenet-r) is a CLIP run's zero-shot top-1 and
-teacher_zeroshot:D its pretrained teacher's (kind clip-kd).
+teacher_zeroshot:D its pretrained teacher's (kind clip-kd). A semi-supervised run (kind semi) reports the
+classification metrics of its test evaluations as well: top1, top5, s_iter, top1@best and top5@best.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ KD_METRIC = re.compile(r"^(top1|top5|many|medium|few|s_iter|teacher_top1|ood:ima
 KD_BEST = re.compile(r"^(top1|top5|many|medium|few)@best$")
 MEAN = re.compile(r"^mean\((.+)\)$")
 CLIP_METRIC = re.compile(r"^(teacher_)?zeroshot:(imagenet|imagenet-v2|imagenet-sketch|imagenet-r)$")
+# the 'kd' metrics that a semi-supervised run (kind semi) also produces: its test evaluations, per epoch and last
+SEMI_METRIC = re.compile(r"^(top1|top5|s_iter|top1@best|top5@best)$")
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,13 @@ def metric_kind(metric: str) -> str:
     if len(kinds) != 1 or "?" in kinds:
         raise ValueError(metric)
     return kinds.pop()
+
+
+def metric_kinds(metric: str) -> set[str]:
+    """Every recipe kind that can produce the metric: `metric_kind`'s, and 'semi' for the classification
+    metrics of a semi-supervised run's test evaluations (`SEMI_METRIC`)."""
+    kind = metric_kind(metric)
+    return {kind, "semi"} if all(SEMI_METRIC.match(m) for m in metric_parts(metric)) else {kind}
 
 
 class _Reader:
@@ -349,9 +359,10 @@ def validate_table(table: Table) -> None:
                 recipe = load_recipe(resolve_recipe_path(cell.run.recipe), list(cell.run.overrides))
             except GKLError as err:
                 raise GKLError(f"{where}: {err}") from None
-            kind = metric_kind(cell.metric or "")
-            if recipe.kind != kind:
-                raise GKLError(f"{where}: metric {cell.metric!r} needs a kind-{kind} recipe, {cell.run.recipe} is kind {recipe.kind}")
+            kinds = metric_kinds(cell.metric or "")
+            if recipe.kind not in kinds:
+                needed = " or ".join(f"kind-{k}" for k in sorted(kinds))
+                raise GKLError(f"{where}: metric {cell.metric!r} needs a {needed} recipe, {cell.run.recipe} is kind {recipe.kind}")
             if is_best_metric(cell.metric or "") and not recipe.eval.test_every_epochs:
                 raise GKLError(f"{where}: metric {cell.metric!r} needs the test set evaluated every epoch, but "
                                f"{cell.run.recipe} has eval.test_every_epochs 0 (set it in the recipe or the row's `set:`)")

@@ -2,8 +2,8 @@
 
 `engine.Engine` owns the loop, checkpoints, resume, DDP, AMP, logging and evaluation; a *step*
 computes each batch's loss: `at.AdversarialStep` (`gkl train-at`), `kd.DistillStep` and
-`clip.ClipStep` (`gkl distill`); a *workload* (`workload.ImageWorkload`, `clip.ClipWorkload`) supplies
-the data and the model. `trainer(kind)` is the training function of a recipe kind.
+`clip.ClipStep` (`gkl distill`), `semi.SemiStep` (`gkl train-semi`); a *workload* (`workload.ImageWorkload`,
+`clip.ClipWorkload`, `semi.SemiWorkload`) supplies the data and the model. `trainer(kind)` is the training function of a recipe kind.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 
 def trainer(kind: str) -> Callable[..., dict[str, Any]]:
-    """`train_at`, `train_distill` or `train_clip` for a recipe's `kind` (imported on demand: they pull in torch)."""
+    """`train_at`, `train_distill`, `train_clip` or `train_semi` for a recipe's `kind` (imported on demand: they pull in torch)."""
     if kind == "at":
         from gklcli.train.at import train_at
 
@@ -21,6 +21,10 @@ def trainer(kind: str) -> Callable[..., dict[str, Any]]:
         from gklcli.train.clip import train_clip
 
         return train_clip
+    if kind == "semi":
+        from gklcli.train.semi import train_semi
+
+        return train_semi
     from gklcli.train.kd import train_distill
 
     return train_distill
