@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -30,6 +29,7 @@ from typing import Any, Optional
 
 from gklcli.checkpoint import atomic_write_text, pid_alive, read_json
 from gklcli.errors import GKLError, show
+from gklcli.train import TRAIN_VERBS
 
 LAUNCHERS = ("none", "local", "slurm")
 DEFAULT_HOURS = 72  # a run's time limit when --time is not given
@@ -146,7 +146,7 @@ class TrainJob:
 
     def _torchrun(self) -> str:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}",
-                   "-m", "gklcli", "train-at" if self.recipe.kind == "at" else "distill", str(self.recipe_file),
+                   "-m", "gklcli", TRAIN_VERBS[self.recipe.kind], str(self.recipe_file),
                    "--out", str(self.out_dir), "-q"] + (["--resume"] if self.resume else []) + (["--data-dir", self.data_dir] if self.data_dir else [])
         subprocess.run(command, check=True)
         return str(self.out_dir)

@@ -295,6 +295,9 @@ class SemiCfg:
     hard_label: bool = True  # FixMatch: pseudo-labels as argmax (hard) or the weak softmax (soft)
     ulb_loss_ratio: float = _num(1.0, 0.0)  # λ_u, the consistency weight
     unsup_warmup: float = _num(0.0, 0.0, 1.0)  # a linear ramp of λ_u over this share of training (USB MT: 0.4)
+    # FixMatch with loss gkl: the weak view's logits receive the wMSE gradient (the official DKL fork: its
+    # weak logits come from the same forward, not detached); false: detached, as for every other loss
+    weak_grad: bool = True
 
 
 @dataclass

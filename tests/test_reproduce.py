@@ -160,7 +160,7 @@ def test_dry_run_of_every_table_prints_the_plan_and_writes_nothing(tmp_path, cap
         if name in UNSUPPORTED:
             assert "not reproducible with gkl" in text
         else:
-            assert "gkl train-at" in text or "gkl distill" in text, name
+            assert "gkl train-at" in text or "gkl distill" in text or "gkl train-semi" in text, name
             assert str(out / "runs") in " ".join(text.split())
     code, text, _ = run_cli(capsys, "reproduce", "table15", "--dry-run", "--out", str(out))
     flat = " ".join(text.split())

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gklcli.losses import LOSSES, LossTerm, get_loss, gkl_loss, ikl_loss, kl_div, loss_names
+from gklcli.losses import LOSSES, LossTerm, dist_loss, get_loss, gkl_loss, ikl_loss, kl_div, loss_names
 from tests_helpers import TINY_OVERRIDES, run_cli
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gklcli"
@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gklcli"
 
 def _settings(**changes):
     base = dict(alpha=3.0, beta=2.0, gamma=0.5, temperature=2.0, weight_temperature=1.5, prior_temperature=4.0,
-                normalization="weights", weights="sample", trades_beta=6.0, kd_weight=0.7)
+                normalization="weights", weights="sample", trades_beta=6.0, kd_weight=0.7, dist_beta=1.5, dist_gamma=0.5)
     return SimpleNamespace(**(base | changes))
 
 
@@ -48,8 +48,10 @@ def test_every_registry_loss_computes_the_formula_it_names():
     torch.testing.assert_close(value["jsd"], 0.7 * naive_jsd)
     torch.testing.assert_close(value["ce"], F.cross_entropy(s.float(), y))  # fp32, as the attack loss always was
     torch.testing.assert_close(value["kl"], kl_div(s, t))
-    assert loss_names("at") == ("gkl", "ikl", "dkl", "trades") and loss_names("kd") == ("gkl", "ikl", "kd", "jsd", "dkd", "ce")
-    with pytest.raises(ValueError, match="unknown distillation loss 'trades'; use one of gkl, ikl, kd, jsd, dkd, ce"):
+    torch.testing.assert_close(value["dist"], 0.7 * dist_loss(s, t, beta=1.5, gamma=0.5, temperature=2.0))  # naive: test_dist_loss.py
+    assert loss_names("at") == ("gkl", "ikl", "dkl", "trades")
+    assert loss_names("kd") == ("gkl", "ikl", "kd", "jsd", "dkd", "dist", "ce")
+    with pytest.raises(ValueError, match="unknown distillation loss 'trades'; use one of gkl, ikl, kd, jsd, dkd, dist, ce"):
         get_loss("trades", "kd")
 
 

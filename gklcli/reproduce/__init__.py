@@ -47,6 +47,10 @@ def _recipe_summary(r: Recipe) -> str:
     if r.kind in ("kd", "clip-kd"):
         needs = get_loss(r.loss.name, loss_kind(r.kind)).needs_teacher
         parts.insert(1, f"teacher {r.teacher.arch}" if needs else "no teacher")
+    elif r.kind == "semi":
+        from gklcli.train.semi import consistency_text
+
+        parts[3] = consistency_text(r)
     else:
         parts.insert(3, f"attack {r.attack.loss}/{r.attack.schedule}, AWP {'on' if r.awp.enabled else 'off'}, avg {r.ema.mode}")
     return "; ".join(parts)

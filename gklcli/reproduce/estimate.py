@@ -89,6 +89,10 @@ def estimate_gpu_hours(job: Job) -> float:
     r = job.recipe
     if r.kind == "clip-kd":
         return clip_gpu_hours(job)
+    if r.kind == "semi":
+        from gklcli.train.semi import gpu_hours
+
+        return gpu_hours(r)
     d = r.data
     known = DATASETS.get(d.dataset)  # None for npz and synthetic
     classes = r.model.num_classes or (known.classes if known else

@@ -133,6 +133,10 @@ def check_inputs(jobs: list[Job], plan: Plan) -> None:
             from gklcli.reproduce.zeroshot import check_inputs as check_clip_inputs
 
             check_clip_inputs(job, plan)
+        if r.kind == "semi" and r.model.pretrained:  # USB's ViT-small starts from its ImageNet weights
+            from gklcli.train.semi import resolve_pretrained
+
+            resolve_pretrained(r.model.pretrained, plan.data_dir, r.data.root)
         if r.kind == "kd" and (job.kind == "teacher" or get_loss(r.loss.name, "kd").needs_teacher):
             try:
                 resolve_teacher_path(r.teacher.checkpoint, plan.data_dir, arch=r.teacher.arch)

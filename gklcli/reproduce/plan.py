@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from gklcli.errors import GKLError
 from gklcli.recipes import RESULT_NEUTRAL, Recipe, load_recipe, order_settings, resolve_recipe_path
+from gklcli.train import TRAIN_VERBS
 from gklcli.tables import Row, RunSpec, Table, metric_parts, select_rows
 from gklcli.checkpoint import read_json
 
@@ -123,7 +124,7 @@ class Job:
         sets = "".join(f" --set {o}" for o in self.overrides)
         if self.kind == "teacher":
             return f"gkl distill {self.spec.recipe}{sets} --teacher-only"
-        verb = "train-at" if self.kind == "at" else "distill"
+        verb = TRAIN_VERBS.get(self.kind, "distill")
         return f"gkl {verb} {self.spec.recipe}{sets} --out {self.dir}"
 
 
@@ -182,6 +183,10 @@ def smoke_overrides(recipe: Recipe, root: Path) -> list[str]:
     """Toy scale for `--smoke`: synthetic 8×8 data, resnet8, two epochs of three steps."""
     if recipe.kind == "clip-kd":
         return clip_smoke_overrides(root)
+    if recipe.kind == "semi":
+        from gklcli.train.semi import smoke_overrides as semi_smoke_overrides
+
+        return semi_smoke_overrides(SMOKE_SIZE, SMOKE_CLASSES, SMOKE_TEST)
     sets = [
         "data.dataset=synthetic", "data.synthetic.num_train=96", f"data.synthetic.num_test={SMOKE_TEST}",
         f"data.synthetic.image_size={SMOKE_SIZE}", f"data.synthetic.num_classes={SMOKE_CLASSES}", "data.val_size=16",

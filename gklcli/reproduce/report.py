@@ -90,7 +90,7 @@ def metric_value(job: Job, metric: str, plan: Plan, worst_of: tuple[str, ...] = 
         return ((_read_json(job.dir) or {}).get(metric.partition(":")[2]) or {}).get("top1")
     if metric.startswith("zeroshot:"):
         return (_read_json(zeroshot_path(job, plan.checkpoint, metric.partition(":")[2])) or {}).get("top1")
-    if job.kind == "kd":
+    if job.kind in ("kd", "semi"):
         return _train_metric(job, metric, plan.checkpoint)
     return _eval_metric(job, metric, plan, worst_of)
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
+TRAIN_VERBS = {"at": "train-at", "kd": "distill", "clip-kd": "distill", "semi": "train-semi"}  # the gkl command of a kind
+
+
 def trainer(kind: str) -> Callable[..., dict[str, Any]]:
     """`train_at`, `train_distill`, `train_clip` or `train_semi` for a recipe's `kind` (imported on demand: they pull in torch)."""
     if kind == "at":

@@ -52,7 +52,7 @@ PRETRAINED_HINT = "mkdir -p data/pretrained && curl -L -o data/pretrained/{name}
 
 def weak_grad(recipe: Recipe) -> bool:
     """FixMatch: whether the weak logits receive the GKL wMSE gradient (the DKL fork: yes)."""
-    return bool(getattr(recipe.semi, "weak_grad", True))  # TODO(recipes.py): the semi.weak_grad field
+    return recipe.semi.weak_grad
 
 
 def check_semi_recipe(recipe: Recipe) -> None:
