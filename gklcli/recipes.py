@@ -547,6 +547,13 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
     require(recipe.kind == "kd" or recipe.loss.label_loss == "ce", "loss.label_loss", "'bce' is for kind 'kd'")
     require(data.augment == "timm" or data.rand_augment is None, "data.rand_augment", "is for data.augment 'timm'")
     require(data.augment == "timm" or data.train_interpolation == "bilinear", "data.train_interpolation", "is for data.augment 'timm'")
+    from gklcli.models.timm_models import is_timm
+
+    reads_init = recipe.kind == "semi" or (recipe.kind == "kd" and is_timm(model.arch))  # what builds such students
+    require(reads_init or model.drop_path == 0, "model.drop_path", f"is read for timm students (timm/NAME) of kind 'kd' "
+            f"and the ViTs of kind 'semi', not for {model.arch!r} of kind {recipe.kind!r}")
+    require(reads_init or model.pretrained is None, "model.pretrained", f"is read for timm students (timm/NAME) of kind "
+            f"'kd' and the ViTs of kind 'semi', not for {model.arch!r} of kind {recipe.kind!r}")
     require(recipe.optim.name == "sgd" or recipe.optim.nesterov is False, "optim.nesterov", "is for optim.name 'sgd'")
     require(sched.warmup_steps == 0 or (sched.lr_schedule in ("cosine", "cosine-usb") and sched.warmup_epochs == 0),
             "schedule.warmup_steps", "is a step warm-up before schedule.lr_schedule 'cosine' (OpenCLIP's) or 'cosine-usb' "

@@ -10,8 +10,9 @@ the confidence mask and averaged over *all* B unlabelled samples, masked ones in
 * ``sce``: −Σ_c softmax(t)_c log softmax(s)_c, soft pseudo-labels; = KL(softmax(t) ‖ softmax(s)) − H(softmax(t)).
 * ``mse``: mean over the C classes of (softmax(s) − softmax(t))² (USB's 'mse', Mean-Teacher).
 * ``gkl``: α/4·Σ_jk w_jk (Δt_jk − Δs_jk)² / Σ_jk w_jk − β·softmax(t)ᵀ log softmax(s) with sample-wise weights
-  w_jk = v_j v_k, v = softmax(t / T2)^γ (no class is known for an unlabelled image). Each sample's wMSE sum
-  is divided by its own Σ_jk w_jk = (Σ_j v_j)², which is 1 at γ = 1: the term is then the DKL fork's
+  w_jk = v_j v_k, v = softmax(t / T2)^γ (no class is known for an unlabelled image). The masked batch sum of
+  the wMSE is divided by the batch's Σ_b Σ_jk w_bjk (Eq. 13's normalisation, as every GKL of gkl), which is B
+  at γ = 1 (each Σ_jk w_jk = (Σ_j v_j)² = 1): the term is then the DKL fork's
   `dkl_loss` (0.25·Σ_jk p_jk (Δn − Δa)², unnormalised) exactly. The soft CE's target is detached; the wMSE
   term sends gradient to the student and, when the teacher logits carry gradient (FixMatch's weak view of
   the same forward), to the teacher as well — through its logit differences *and* its weights, as the
@@ -30,13 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(f"expected two logit tensors of the same shape (B, C), got {tuple(student.shape)} and "
-                         f"{tuple(teacher.shape)}")
-    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    return student.to(dtype), teacher.to(dtype)
+from gklcli.logits import promote
 
 
 def masked_mean(per_sample: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -45,33 +40,33 @@ def masked_mean(per_sample: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 def hard_ce(student: Tensor, teacher: Tensor) -> Tensor:
-    s, t = _pair(student, teacher)
+    s, t = promote(student, teacher)
     return F.cross_entropy(s, t.detach().argmax(dim=1), reduction="none")
 
 
 def soft_ce(student: Tensor, teacher: Tensor) -> Tensor:
-    s, t = _pair(student, teacher)
+    s, t = promote(student, teacher)
     return -(F.softmax(t.detach(), dim=1) * F.log_softmax(s, dim=1)).sum(dim=1)
 
 
 def mse(student: Tensor, teacher: Tensor) -> Tensor:
-    s, t = _pair(student, teacher)
+    s, t = promote(student, teacher)
     return (F.softmax(s, dim=1) - F.softmax(t.detach(), dim=1)).square().mean(dim=1)
 
 
 def gkl_parts(student: Tensor, teacher: Tensor, *, alpha: float, beta: float, gamma: float = 1.0,
-              weight_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-sample (α/4·wMSE / Σw, β·soft CE) of the GKL consistency (see the module text)."""
-    s, t = _pair(student, teacher)
+              weight_temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample α/4·Σ_jk w_jk (Δt − Δs)², its Σ_jk w_jk = W², and β·soft CE of the GKL consistency."""
+    s, t = promote(student, teacher)
     v = F.softmax(t if weight_temperature == 1.0 else t / weight_temperature, dim=1)
     v = v if gamma == 1.0 else v.pow(gamma)
     w_sum = v.sum(dim=1)
     d = t - s
     c = d - torch.linalg.vecdot(v, d).div(w_sum).unsqueeze(1)
-    wmse = (alpha / 4.0 * 2.0) * torch.linalg.vecdot(v, c.square()) / w_sum
+    wmse = (alpha / 4.0 * 2.0) * w_sum * torch.linalg.vecdot(v, c.square())
     # the soft CE's target softmax(t), detached: the weights themselves when T2 = γ = 1 (one softmax less)
     target = v.detach() if weight_temperature == 1.0 and gamma == 1.0 else F.softmax(t.detach(), dim=1)
-    return wmse, -beta * (target * F.log_softmax(s, dim=1)).sum(dim=1)
+    return wmse, w_sum.detach().square(), -beta * (target * F.log_softmax(s, dim=1)).sum(dim=1)
 
 
 def consistency(per_sample: Any) -> Any:
@@ -83,6 +78,9 @@ def consistency(per_sample: Any) -> Any:
 
 
 def gkl_consistency(s: Tensor, t: Tensor, mask: Optional[Tensor], prior: Optional[Tensor], c: Any) -> tuple[Tensor, Tensor]:
-    """The registry compute of GKL for kind "semi": the masked means of both parts."""
-    wmse, ce = gkl_parts(s, t, alpha=c.alpha, beta=c.beta, gamma=c.gamma, weight_temperature=c.weight_temperature)
-    return masked_mean(wmse, mask), masked_mean(ce, mask)
+    """The registry compute of GKL for kind "semi": the wMSE's masked batch sum over the batch's Σw (Eq. 13's
+    normalisation, `normalization: weights`; = USB's masked mean over B at γ = 1, where every Σw is 1) and
+    the soft CE's masked mean."""
+    wmse, weight_sums, ce = gkl_parts(s, t, alpha=c.alpha, beta=c.beta, gamma=c.gamma, weight_temperature=c.weight_temperature)
+    kept = wmse if mask is None else wmse * mask.to(wmse.dtype)
+    return kept.sum() / weight_sums.sum(), masked_mean(ce, mask)

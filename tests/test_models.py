@@ -16,7 +16,8 @@ from gklcli.models import count_params, create_model, get_spec, list_models
 from gklcli.models.registry import MDISTILLER_CIFAR100_STATS
 
 IMAGENET_NAMES = {"resnet18", "resnet34", "resnet50", "mobilenetv1"}
-HEAVY = {"wrn-70-16-swish", "wrn-34-20"}  # parameter counts only: a forward pass is slow on 2 cores
+# parameter counts only: a forward pass is slow on 2 cores (the BEiT-L teachers: 304M parameters at 224²)
+HEAVY = {"wrn-70-16-swish", "wrn-34-20", "timm/beitv2_large_patch16_224", "timm/beit_large_patch16_224"}
 
 
 def _randomise(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,6 +51,7 @@ def test_heavy_models_parameter_counts():
     # RobustBench's DMWideResNet-70-16 (Gowal/Rebuffi), and WRN-34-20 of the TRADES family
     assert count_params("wrn-70-16-swish", 10) == 266_796_506
     assert count_params("wrn-34-20", 10) == 184_531_674
+    assert count_params("timm/beitv2_large_patch16_224", 1000) == 304_430_568  # timm's 304.43M (results-imagenet.csv)
 
 
 ROBUSTBENCH_CASES = {

@@ -87,13 +87,14 @@ def recipe(row: str, *extra: str):
 # ------------------------------------------------------------------------------------------- losses
 
 
-def _naive_gkl(s, t, alpha, beta, gamma, t2, detach_weights):
-    """The B×C×C formula: α/4·Σ_jk w_jk (Δt − Δs)² / Σ_jk w_jk − β·softmax(t)ᵀ log softmax(s), w = v vᵀ."""
+def _naive_gkl(s, t, alpha, beta, gamma, t2, detach_weights, mask):
+    """The B×C×C formula, Eq. 13's normalisation: α/4·Σ_b m_b Σ_jk w_bjk (Δt − Δs)² / Σ_b Σ_jk w_bjk (the
+    normaliser a constant) and the per-sample −β·softmax(t)ᵀ log softmax(s), w = v vᵀ."""
     v = F.softmax(t / t2, 1) ** gamma
     v = v.detach() if detach_weights else v
     w = v[:, :, None] * v[:, None, :]
     dt, ds = t[:, :, None] - t[:, None, :], s[:, :, None] - s[:, None, :]
-    wmse = alpha / 4 * (w * (dt - ds) ** 2).sum((1, 2)) / w.sum((1, 2))
+    wmse = alpha / 4 * ((w * (dt - ds) ** 2).sum((1, 2)) * mask).sum() / w.detach().sum()
     return wmse, -beta * (F.softmax(t.detach(), 1) * F.log_softmax(s, 1)).sum(1)
 
 
@@ -130,16 +131,16 @@ def test_every_semi_loss_is_its_naive_formula_masked_over_the_whole_unlabelled_b
     # GKL with the teacher carrying gradient (FixMatch's weak logits): the value and both gradients of the
     # naive formula whose weights are not detached (the DKL fork's autograd)
     got = term["gkl"](s, t, mask)
-    wmse, ce = _naive_gkl(s, t, 0.3, 0.7, 0.5, 1.5, detach_weights=False)
-    torch.testing.assert_close(got.wmse, masked(wmse))
+    wmse, ce = _naive_gkl(s, t, 0.3, 0.7, 0.5, 1.5, detach_weights=False, mask=mask)
+    torch.testing.assert_close(got.wmse, wmse)
     torch.testing.assert_close(got.ce, masked(ce))
-    for ours, naive in zip(torch.autograd.grad(got.total, (s, t)), torch.autograd.grad(masked(wmse + ce), (s, t))):
+    for ours, naive in zip(torch.autograd.grad(got.total, (s, t)), torch.autograd.grad(wmse + masked(ce), (s, t))):
         torch.testing.assert_close(ours, naive)
     # a detached teacher (Mean-Teacher's EMA): the same value, the student's gradient with fixed weights
     got = term["gkl"](s, t.detach(), mask)
-    wmse, ce = _naive_gkl(s, t.detach(), 0.3, 0.7, 0.5, 1.5, detach_weights=True)
-    torch.testing.assert_close(got.total, masked(wmse + ce))
-    torch.testing.assert_close(torch.autograd.grad(got.total, s)[0], torch.autograd.grad(masked(wmse + ce), s)[0])
+    wmse, ce = _naive_gkl(s, t.detach(), 0.3, 0.7, 0.5, 1.5, detach_weights=True, mask=mask)
+    torch.testing.assert_close(got.total, wmse + masked(ce))
+    torch.testing.assert_close(torch.autograd.grad(got.total, s)[0], torch.autograd.grad(wmse + masked(ce), s)[0])
     # no mask: the plain mean
     torch.testing.assert_close(term["sce"](s, t, None).total, -(p_t * F.log_softmax(s, 1)).sum(1).mean())
 

@@ -36,7 +36,7 @@ def teacher_file(tmp_path_factory):
 def toy(teacher_file, *extra):
     """The strong recipes at toy scale: resnet8 pair, synthetic 8×8 images, batch 16 (Mixup, repeats, BCE, LAMB stay on)."""
     return [
-        "model.arch=resnet8", "model.num_classes=null", "model.bn_group_size=8", "teacher.arch=resnet8",
+        "model.arch=resnet8", "model.num_classes=null", "model.drop_path=0.0", "model.bn_group_size=8", "teacher.arch=resnet8",
         f"teacher.checkpoint={teacher_file}", "data.dataset=synthetic", "data.synthetic.num_classes=4",
         "data.synthetic.image_size=8", "data.synthetic.num_train=96", "data.synthetic.num_test=32", "data.val_size=16",
         "data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0", "data.image_size=8", "train.amp=none",

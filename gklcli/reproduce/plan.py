@@ -203,8 +203,9 @@ def smoke_overrides(recipe: Recipe, root: Path) -> list[str]:
         sets += ["awp.warmup_epochs=1"]
         if recipe.data.generated.path or recipe.data.generated.required:
             sets.append(f"data.generated.path={root / 'data' / 'generated.npz'}")
-    else:
-        sets += ["teacher.arch=resnet8", f"teacher.checkpoint={root / 'teacher' / 'last.pt'}"]
+    else:  # (resnet8 reads neither drop path nor initial weights: a strong-scheme row's are reset)
+        sets += ["teacher.arch=resnet8", f"teacher.checkpoint={root / 'teacher' / 'last.pt'}", "model.drop_path=0.0",
+                 "model.pretrained=null"]
         if recipe.data.dataset == "imagenet-lt":  # a long tail with Many (>100), Medium and Few (<20) classes
             sets += ["data.synthetic.num_train=400", "data.synthetic.imbalance=20"]
     return sets

@@ -275,7 +275,7 @@ def consistency_text(recipe: Recipe) -> str:
     text = CONSISTENCY.get(loss.name, loss.name)
     if loss.name == "gkl":
         text += (f" (α={loss.alpha:g} wMSE, β={loss.beta:g} soft CE, γ={loss.gamma:g}, sample-wise weights at "
-                 f"T2={loss.weight_temperature:g}, wMSE / Σw per sample"
+                 f"T2={loss.weight_temperature:g}, wMSE / Σw"
                  + (", weak logits get the wMSE gradient" if weak_grad(recipe) and recipe.semi.algorithm == "fixmatch"
                     else "") + ")")
     return text
