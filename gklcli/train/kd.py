@@ -50,8 +50,8 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
     return 1.0 if warmup_epochs <= 0 else min(epoch / warmup_epochs, 1.0)
 
 
-TIMM_HINT = ("a timm model's file from the Hugging Face hub: huggingface-cli download timm/NAME.TAG model.safetensors "
-             "--local-dir DATA_DIR/teachers/timm/NAME.TAG (docs/strong_kd.md)")
+TIMM_HINT = ("a timm model's file from the Hugging Face hub: huggingface-cli download timm/{tag} {file} "
+             "--local-dir {folder} (docs/strong_kd.md)")
 
 
 def resolve_teacher_path(checkpoint: Optional[str], data_dir: Optional[str], key: str = "teacher.checkpoint",
@@ -66,8 +66,12 @@ def resolve_teacher_path(checkpoint: Optional[str], data_dir: Optional[str], key
     for path in candidates:
         if path.is_file():
             return path
-    what = TIMM_HINT if is_timm(arch) else ("mdistiller's cifar_teachers/…/ckpt_epoch_240.pth, a torchvision ImageNet .pth, "
-                                            "a timm model.safetensors, or a gkl checkpoint")
+    # the recipes name timm files DATA_DIR/teachers/timm/<name.tag>/model.safetensors: the folder is the hub repository
+    given = Path(checkpoint)
+    folder = Path(data_dir) / given.parent if data_dir and not given.is_absolute() else given.parent
+    what = (TIMM_HINT.format(tag=given.parent.name or "NAME.TAG", file=given.name, folder=folder) if is_timm(arch) else
+            "mdistiller's cifar_teachers/…/ckpt_epoch_240.pth, a torchvision ImageNet .pth, a timm model.safetensors, "
+            "or a gkl checkpoint")
     raise GKLError(f"{key}: {checkpoint} not found (looked in {', '.join(str(c) for c in candidates)}); "
                    f"put the weight file there — {what} — or pass --set {key}=FILE")
 
