@@ -35,7 +35,7 @@ def teacher_file(tmp_path_factory):
 
 def small(teacher_file, *extra):
     return [
-        "model.arch=resnet8", "model.num_classes=null", "teacher.arch=resnet8", f"teacher.checkpoint={teacher_file}",
+        "model.arch=resnet8", "model.num_classes=null", "model.drop_path=0.0", "teacher.arch=resnet8", f"teacher.checkpoint={teacher_file}",
         "data.dataset=synthetic", "data.synthetic.num_classes=4", "data.synthetic.image_size=8", "data.synthetic.num_train=96",
         "data.synthetic.num_test=32", "data.val_size=16", "data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0",
         "train.amp=none", "output.tensorboard=false", "schedule.warmup_epochs=0", *extra,
