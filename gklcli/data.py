@@ -496,7 +496,9 @@ class _SeededTransform:
             return self.transform(img)
 
 
-_RAND_AUGMENT = re.compile(r"rand(-((m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d+)?|t[a-z_]+))*")
+# timm's `t` section names an op set (rand_augment_choices: weights, 3aw, 3a); any other name silently
+# falls back to the default set, so it is refused here
+_RAND_AUGMENT = re.compile(r"rand(-((m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d+)?|t(weights|3aw|3a)))*")
 
 
 class TimmTransform:
@@ -510,7 +512,8 @@ class TimmTransform:
 
         try:  # timm skips sections it cannot parse (rand-m7-xyz); gkl accepts the RandAugment grammar only
             if rand_augment is not None and not _RAND_AUGMENT.fullmatch(rand_augment):
-                raise ValueError("expected rand-SECTION-… with sections m, n, p, mstd, mmax, inc (a number) or t (a name)")
+                raise ValueError("expected rand-SECTION-… with sections m, n, p, mstd, mmax, inc (a number) or t (weights, "
+                                 "3aw or 3a)")
             self.transform = create_transform(size, is_training=True, auto_augment=rand_augment, interpolation=interpolation,
                                               color_jitter=None, re_prob=0.0, use_prefetcher=True)
             self(torch.full((3, max(size, 16), max(size, 16)), 128, dtype=torch.uint8), 0)  # a string timm parses lazily

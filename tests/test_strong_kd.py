@@ -162,6 +162,9 @@ def test_timm_transform_is_seeded_per_sample_and_leaves_the_rngs_alone():
     assert all(torch.equal(p, q) for p, q in zip(batches[0], batches[2]))  # workers hold no RNG state
     with pytest.raises(GKLError, match="data.rand_augment: 'rand-m7-xyz' is not a RandAugment string timm takes"):
         TimmTransform(16, "rand-m7-xyz", "random")
+    with pytest.raises(GKLError, match="data.rand_augment: 'rand-m7-tfoo'"):  # timm would fall back to its default ops
+        TimmTransform(16, "rand-m7-tfoo", "random")
+    TimmTransform(16, "rand-m7-t3a", "random")  # an op set timm knows
     with pytest.raises(GKLError, match="data.augment: 'timm' needs its settings"):
         TrainView(source, None, "timm", 3)[(1, 0)]
 
