@@ -81,6 +81,23 @@ def clip_gpu_hours(job: Job) -> float:
     return (total + evaluated * clip_pair_flops(r.model.arch)) / GPU_FLOPS / 3600
 
 
+def semi_gpu_hours(recipe: Any) -> float:
+    """Order-of-magnitude GPU-hours (gkl reproduce's calibration): per step forward + backward (3 forward-FLOPs)
+    of the student's images (FixMatch: B + 2uB; Mean-Teacher: B + uB, and uB teacher forwards), plus the test
+    evaluations (every eval.test_every_epochs and the final one)."""
+    from gklcli.train.semi import semi_preview
+
+    p = semi_preview(recipe)
+    size = recipe.data.synthetic.image_size if recipe.data.dataset == "synthetic" else 32
+    fwd = forward_flops(recipe.model.arch, recipe.model.num_classes or p["classes"], size)
+    b, ub = p["batch_labelled"], p["batch_unlabelled"]
+    per_step = 3 * (b + 2 * ub) if recipe.semi.algorithm == "fixmatch" else 3 * (b + ub) + ub
+    every = recipe.eval.test_every_epochs
+    evaluations = (p["epochs"] // every if every else 0) + (1 if recipe.eval.final_test else 0)
+    total = p["total_steps"] * per_step * fwd + evaluations * (recipe.eval.n_test or p["test_images"]) * fwd
+    return total / GPU_FLOPS / 3600
+
+
 def estimate_gpu_hours(job: Job) -> float:
     """Order-of-magnitude GPU-hours of a job from its recipe (FLOPs counted on the meta device)."""
     from gklcli.datasets import DATASETS
@@ -90,9 +107,7 @@ def estimate_gpu_hours(job: Job) -> float:
     if r.kind == "clip-kd":
         return clip_gpu_hours(job)
     if r.kind == "semi":
-        from gklcli.train.semi import gpu_hours
-
-        return gpu_hours(r)
+        return semi_gpu_hours(r)
     d = r.data
     known = DATASETS.get(d.dataset)  # None for npz and synthetic
     classes = r.model.num_classes or (known.classes if known else

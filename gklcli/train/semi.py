@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
-from gklcli.data import make_eval_loader, to_float
+from gklcli.data import to_float
 from gklcli.distributed import DistEnv
 from gklcli.errors import GKLError
 from gklcli.losses import LossTerm, get_loss
@@ -45,7 +45,7 @@ from gklcli.recipes import Recipe
 from gklcli.semi_data import STEPS_PER_EPOCH, SemiBatches, describe_split, load_semi_sources, semi_train_loader, usb_split
 from gklcli.train.engine import Context, StepResult
 from gklcli.train.kd import evaluate_topk
-from gklcli.train.workload import input_norm
+from gklcli.train.workload import image_eval_loader, image_meta
 
 PRETRAINED_HINT = "mkdir -p data/pretrained && curl -L -o data/pretrained/{name} {url}"
 
@@ -147,14 +147,11 @@ class SemiWorkload:
         return semi_train_loader(batches, start, r.data.num_workers, self.env.device.type == "cuda", r.train.seed)
 
     def eval_loader(self, source: Any, n: Optional[int]) -> Any:
-        d = self.recipe.data
-        return make_eval_loader(source, n, d.eval_batch_size, d.num_workers, self.env.rank, self.env.world_size)
+        return image_eval_loader(self.recipe, self.env, source, n)
 
     def meta(self) -> dict[str, Any]:
-        r = self.recipe
-        return {"arch": get_spec(r.model.arch).name, "num_classes": self.num_classes, "dataset": r.data.dataset,
-                "image_size": self.train.image_size, "input_norm": input_norm(self.module) if self.module else None,
-                "semi_split": {"labelled": len(self.lb_idx), "unlabelled": len(self.ulb_idx)}}
+        return image_meta(self.recipe, self.num_classes, self.train.image_size, self.module) | {
+            "semi_split": {"labelled": len(self.lb_idx), "unlabelled": len(self.ulb_idx)}}
 
     def split_text(self) -> str:
         return describe_split(self.train.labels, self.lb_idx, self.ulb_idx, self.num_classes)
@@ -320,23 +317,6 @@ def print_semi_preview(preview: dict[str, Any], recipe: Recipe, console: Console
                   + f"; averaging {recipe.ema.mode}" + (f" τ={recipe.ema.tau:g}" if recipe.ema.mode != "none" else "")
                   + "; reported: the last epoch's test top-1"
                   + (f" (test set every {recipe.eval.test_every_epochs} epochs)" if recipe.eval.test_every_epochs else ""))
-
-
-def gpu_hours(recipe: Recipe) -> float:
-    """Order-of-magnitude GPU-hours (gkl reproduce's calibration): per step forward + backward (3 forward-FLOPs)
-    of the student's images (FixMatch: B + 2uB; Mean-Teacher: B + uB, and uB teacher forwards), plus the test
-    evaluations (every eval.test_every_epochs and the final one)."""
-    from gklcli.reproduce.estimate import GPU_FLOPS, forward_flops
-
-    p = semi_preview(recipe)
-    size = recipe.data.synthetic.image_size if recipe.data.dataset == "synthetic" else 32
-    fwd = forward_flops(recipe.model.arch, recipe.model.num_classes or p["classes"], size)
-    b, ub = p["batch_labelled"], p["batch_unlabelled"]
-    per_step = 3 * (b + 2 * ub) if recipe.semi.algorithm == "fixmatch" else 3 * (b + ub) + ub
-    every = recipe.eval.test_every_epochs
-    evaluations = (p["epochs"] // every if every else 0) + (1 if recipe.eval.final_test else 0)
-    total = p["total_steps"] * per_step * fwd + evaluations * (recipe.eval.n_test or p["test_images"]) * fwd
-    return total / GPU_FLOPS / 3600
 
 
 def smoke_overrides(size: int, classes: int, test: int) -> list[str]:

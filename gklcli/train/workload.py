@@ -48,6 +48,18 @@ def input_norm(module: nn.Module) -> Optional[dict[str, list[float]]]:
     return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
 
 
+def image_eval_loader(recipe: Recipe, env: DistEnv, source: Any, n: Optional[int]) -> Any:
+    """The sharded evaluation loader of labelled images (every image workload's)."""
+    d = recipe.data
+    return make_eval_loader(source, n, d.eval_batch_size, d.num_workers, env.rank, env.world_size)
+
+
+def image_meta(recipe: Recipe, num_classes: int, image_size: int, module: Optional[nn.Module]) -> dict[str, Any]:
+    """The checkpoint meta of a registry classifier trained on images of `image_size`."""
+    return {"arch": get_spec(recipe.model.arch).name, "num_classes": num_classes, "dataset": recipe.data.dataset,
+            "image_size": image_size, "input_norm": input_norm(module) if module else None}
+
+
 class ImageWorkload:
     """Labelled images (CIFAR, ImageNet, npz, DM-AT generated data) and a registry model."""
 
@@ -87,10 +99,7 @@ class ImageWorkload:
         return loader
 
     def eval_loader(self, source: Any, n: Optional[int]) -> Any:
-        d = self.recipe.data
-        return make_eval_loader(source, n, d.eval_batch_size, d.num_workers, self.env.rank, self.env.world_size)
+        return image_eval_loader(self.recipe, self.env, source, n)
 
     def meta(self) -> dict[str, Any]:
-        r = self.recipe
-        return {"arch": get_spec(r.model.arch).name, "num_classes": self.num_classes, "dataset": r.data.dataset,
-                "image_size": self.data.train.image_size, "input_norm": input_norm(self.module) if self.module else None}
+        return image_meta(self.recipe, self.num_classes, self.data.train.image_size, self.module)
