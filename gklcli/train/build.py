@@ -29,11 +29,12 @@ def configure_determinism(recipe: Recipe, env: DistEnv) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def build_model(recipe: Recipe, num_classes: int, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module]:
+def build_model(recipe: Recipe, num_classes: int, env: DistEnv, **create: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(module, model, attack_model): the plain module on the device, the model to train (DDP-wrapped
-    and/or compiled) and the module the inner attacks run (compiled when train.compile is on)."""
+    and/or compiled) and the module the inner attacks run (compiled when train.compile is on). `create`:
+    what the architecture's constructor takes beyond the class count (a timm student's drop_path, weights)."""
     cfg = recipe.model
-    module = create_model(cfg.arch, num_classes)
+    module = create_model(cfg.arch, num_classes, **create)
     if cfg.bn_group_size:
         use_ghost_batch_norm(module, bn_groups(recipe, env.world_size))
     if cfg.sync_bn and env.distributed:

@@ -35,10 +35,10 @@ from gklcli.data import long_tailed, to_float, train_view
 from gklcli.errors import GKLError
 from gklcli.losses import LossTerm, get_loss
 from gklcli.distributed import DistEnv, all_reduce_sum
-from gklcli.models import create_model, get_spec, use_ghost_batch_norm
+from gklcli.models import create_model, get_spec
 from gklcli.models.timm_models import is_timm, load_weights
 from gklcli.sampling import sample_seed, seeded_rngs
-from gklcli.train.build import bn_groups, wrap_model
+from gklcli.train.build import build_model
 from gklcli.train.engine import Context, StepResult
 from gklcli.train.workload import ImageWorkload
 
@@ -228,18 +228,11 @@ class DistillWorkload(ImageWorkload):
         self.view = train_view(recipe.data, self.data.train, self.data.generated, recipe.train.seed)
 
     def build_model(self, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module]:
-        r, cfg = self.recipe, self.recipe.model
-        if not is_timm(cfg.arch):
-            if cfg.pretrained:
-                raise GKLError(f"model.pretrained: {cfg.pretrained} is for timm students (timm/NAME), not {cfg.arch}")
+        cfg = self.recipe.model
+        if not is_timm(cfg.arch):  # (the recipe check refuses drop_path and pretrained for other students)
             return super().build_model(env)
         weights = resolve_teacher_path(cfg.pretrained, self.data_dir, "model.pretrained", cfg.arch) if cfg.pretrained else None
-        module = create_model(cfg.arch, self.num_classes, drop_path=cfg.drop_path, weights=weights)
-        if cfg.bn_group_size:  # as build.build_model
-            use_ghost_batch_norm(module, bn_groups(r, env.world_size))
-        if cfg.sync_bn and env.distributed:
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        built = wrap_model(module, r, env)
+        built = build_model(self.recipe, self.num_classes, env, drop_path=cfg.drop_path, weights=weights)
         self.module = built[0]
         return built
 
