@@ -146,7 +146,7 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
 
     command = {"at": "train-at", "kd": "distill", "semi": "train-semi"}[kind]
     resolved = load_recipe(resolve_recipe_path(recipe), overrides)
-    kinds = ("kd", "clip-kd") if kind == "kd" else (kind,)  # gkl distill: classification or CLIP distillation
+    kinds = ("kd", "clip-kd", "seg-kd") if kind == "kd" else (kind,)  # gkl distill: classification, CLIP or segmentation
     if resolved.kind not in kinds:
         raise GKLError(f"{recipe}: kind is {resolved.kind!r}; `gkl {command}` needs a recipe with kind: {' or '.join(kinds)}")
     if overwrite:
@@ -154,6 +154,8 @@ def _train_command(kind: str, recipe: str, overrides: List[str], output: Optiona
     if dry_run:
         if kind == "semi":  # its own preview: no data read
             from gklcli.train.semi import print_semi_preview as print_preview, semi_preview as run_preview
+        elif resolved.kind == "seg-kd":  # ADE20K's split sizes: no data read
+            from gklcli.train.seg import print_seg_preview as print_preview, seg_preview as run_preview
         else:
             from gklcli.train.preview import run_preview, print_preview
         sys.stdout.write(resolved.to_yaml())
@@ -221,8 +223,8 @@ def distill_cmd(
     qos: Optional[str] = QOS_OPT, constraint: Optional[str] = CONSTRAINT_OPT, mem: Optional[str] = MEM_OPT,
     slurm_args: List[str] = SLURM_ARG_OPT,
 ) -> None:
-    """Knowledge distillation with GKL-KD (or IKL-KD, KD, JSD) from a frozen teacher, of classifiers (kind kd)
-    or CLIP models (kind clip-kd, OpenCLIP); torchrun for DDP."""
+    """Knowledge distillation with GKL-KD (or IKL-KD, KD, JSD) from a frozen teacher, of classifiers (kind kd),
+    CLIP models (kind clip-kd, OpenCLIP) or segmentation models (kind seg-kd, APD); torchrun for DDP."""
     if teacher_only:
         from gklcli.recipes import load_recipe, resolve_recipe_path
         from gklcli.train.kd import teacher_report
@@ -232,6 +234,8 @@ def distill_cmd(
             raise GKLError(f"{recipe}: --teacher-only is for classification teachers; a CLIP teacher's number is its zero-shot "
                            f"accuracy: gkl eval-zeroshot {resolved.teacher.arch}:{resolved.teacher.checkpoint} --dataset imagenet "
                            f"--data-dir {data_dir or 'data'}")
+        if resolved.kind == "seg-kd":
+            from gklcli.train.seg import seg_teacher_report as teacher_report
         report = teacher_report(resolved, data_dir=data_dir, device=device)
         out.print_json(json.dumps(report))
         return
@@ -272,7 +276,7 @@ def _eps(text: str, option: str = "--eps") -> float:
 
 @app.command("eval-aa")
 def eval_aa_cmd(
-    ckpt: Optional[str] = typer.Argument(None, help="A gkl checkpoint, a RobustBench-format file or a plain state dict."),
+    ckpt: Optional[str] = typer.Argument(None, help="A gkl checkpoint, a RobustBench-format file, a .pt/.safetensors state dict or hf://OWNER/NAME."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for files that do not record it (see gkl models)."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count when it cannot be read from the weights."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10, cifar100, npz:PATH, synthetic or digits (default: the checkpoint's)."),
@@ -343,53 +347,6 @@ def eval_aa_cmd(
     out.print(line + f" on {results['n_ex']} images")
     for name, acc in results["other_attacks"].items():
         out.print(f"{name.upper()}: {acc:.2f}%")
-
-
-@app.command("export-robustbench")
-def export_robustbench_cmd(
-    ckpt: str = typer.Argument(..., help="A gkl checkpoint, or a plain/RobustBench state dict with --arch."),
-    name: str = typer.Option(..., "--name", help="RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10."),
-    dataset: str = typer.Option(..., "--dataset", help="cifar10 or cifar100."),
-    threat_model: str = typer.Option("Linf", "--threat-model", help="Linf."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for files that do not record it."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count when it cannot be read from the weights."),
-    results_file: Optional[str] = typer.Option(None, "--results", help="results.json from gkl eval-aa (fills the accuracy fields)."),
-    paper_name: str = typer.Option("", "--paper-name", help="Paper title (the leaderboard's method name)."),
-    paper_link: str = typer.Option("", "--paper-link", help="Paper URL."),
-    authors: str = typer.Option("", "--authors", help='Comma-separated authors, "A, B, C".'),
-    venue: str = typer.Option("", "--venue", help='e.g. "NeurIPS 2024" (empty: shown as Unpublished).'),
-    additional_data: bool = typer.Option(False, "--additional-data/--no-additional-data", help="Trained with extra real data."),
-    footnote: Optional[str] = typer.Option(None, "--footnote", help='e.g. "It uses additional 20M synthetic images in training."'),
-    reported: Optional[float] = typer.Option(None, "--reported", help="Robust accuracy reported in the paper (default: the AA result)."),
-    out_dir: str = typer.Option("robustbench_export", "--out", help="Output directory."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset root for the clean-accuracy check (default ./data)."),
-    batch_size: int = typer.Option(500, "--batch-size", min=1),
-    n_ex: Optional[int] = typer.Option(None, "--n-ex", min=1, help="Images for the clean-accuracy check (default: the results' n_ex)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
-) -> None:
-    """Write a RobustBench checkpoint, model_info JSON, zoo entry and SUBMISSION.md, verified against RobustBench."""
-    from pathlib import Path
-
-    from gklcli.distributed import pick_device
-    from gklcli.export import MODEL_ID_RULE, export, read_results
-    from gklcli.loading import load_model_file
-    from gklcli.names import MODEL_ID, check_name
-
-    check_name(name, "--name", MODEL_ID, MODEL_ID_RULE)
-    dev = pick_device(device)
-    loaded = load_model_file(ckpt, arch=arch, num_classes=num_classes, device=dev)
-    results, data = read_results(results_file, loaded, dataset, data_dir, n_ex, note=lambda text: err.print(
-        f"[yellow]note:[/yellow] {escape(text)}")) if results_file else (None, None)
-    meta = {"paper_name": paper_name, "paper_link": paper_link, "authors": authors, "venue": venue,
-            "additional_data": additional_data, "footnote": footnote, "reported": reported}
-    report = export(loaded, model_id=name, dataset=dataset, threat_model=threat_model, out=Path(out_dir), results=results,
-                    results_path=Path(results_file) if results_file else None, meta=meta, data=data, batch_size=batch_size, device=dev)
-    out.print(f"wrote {report['checkpoint']} (sha256 {report['sha256'][:16]}…), model_info, zoo_entry.py, SUBMISSION.md under {out_dir}")
-    out.print(f"verified: strict load into RobustBench's class and through robustbench.utils.load_model, logits within "
-              f"{max(report['logit_max_diff_class'], report['logit_max_diff_load_model']):.2g}"
-              + (f", clean accuracy {report['clean_acc_recomputed']:.2f}% matches the results" if "clean_acc_recomputed" in report else ""))
-    if results is None:
-        out.print("[yellow]no --results: clean_acc, reported and autoattack_acc are null; run gkl eval-aa and export again with --results[/yellow]")
 
 
 @app.command("eval-zeroshot")
@@ -633,6 +590,26 @@ def analyze_tsne_cmd(
                           arch=arch, device=pick_device(device))
     out.print(f"t-SNE of {result['images']} images from {result['classes']} classes")
     _analysis_done(result)
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: List[str] = typer.Argument(..., help="Run folders (OUT of gkl train-at, distill or train-semi)."),
+    output: str = typer.Option("compare", "--out", help="A folder for compare.md, compare.json and compare.png."),
+) -> None:
+    """Runs side by side: final and best metrics, the recipe keys that differ, their curves overlaid."""
+    from pathlib import Path
+
+    from rich.markdown import Markdown
+
+    from gklcli.compare import compare
+
+    report, text = compare([Path(run) for run in runs], Path(output))
+    out.print(Markdown(text))
+    out.print(f"wrote {output}/compare.md, compare.json" + (", compare.png" if report["figure"] else ""))
+
+
+from gklcli import cli_export  # noqa: E402,F401 — registers export-robustbench and export-hub on `app`
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -17,6 +17,8 @@ Sources (see docs/data.md for sizes and licences):
   ``teachers imagenet-lt``: not released anywhere, so the command says how to make them;
   ``teachers clip``: OpenCLIP's ViT-L/14 trained on DataComp-1B (TABLE VII's teacher) from its Hugging Face
   repository into DATA_DIR/teachers/open_clip/.
+  ``teachers seg``: APD's released PSPNet-R101 ADE20K teacher (DATA_DIR/teachers/apd/) and CSAIL's deep-stem
+  ImageNet ResNet-18 the student starts from (DATA_DIR/pretrained/), TABLE XXIII.
 * ``robustbench NAME``: RobustBench's own zoo download into MODEL_DIR/DATASET/THREAT/NAME.pt.
 * ``imagenet``, ``imagenet-lt``: need a licence; the command prints what to get, and
   ``gkl data check`` verifies a folder.
@@ -59,6 +61,12 @@ CIFAR_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "ResNet50", "wrn_40_2",
 # the teacher of TABLE VII: OpenCLIP's ViT-L-14 `datacomp_xl_s13b_b90k` (79.2 % zero-shot), where recipes/clip read it
 CLIP_TEACHER = ("laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "open_clip_pytorch_model.bin",
                 "teachers/open_clip/ViT-L-14-datacomp_xl_s13b_b90k.bin")
+# TABLE XXIII (APD on ADE20K): the released PSPNet-R101 teacher and the student's ImageNet initialisation
+# (CSAIL's deep-stem ResNet-18, APD's ./initmodel/resnet18-imagenet.pth), where recipes/seg read them
+SEG_FILES = {
+    "teachers/apd/pspnet101_fc_ade20k.pth": "https://github.com/akuxcw/APD/releases/download/v1.0/pspnet101_fc_ade20k.pth",
+    "pretrained/resnet18-imagenet.pth": "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/resnet18-imagenet.pth",
+}
 IMAGENET_TEACHERS = {  # torchvision's IMAGENET1K_V1 weights; the hex in the name is the sha256 prefix it checks
     "resnet34-b627a593.pth": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50-0676ba61.pth": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
@@ -204,12 +212,14 @@ def fetch_teachers(which: str, f: Fetcher) -> list[Path]:
     elif which == "imagenet":
         files = [f.get(url, f.data_dir / "teachers" / name, checksum=("sha256", name.split("-")[1].split(".")[0]),
                        source="teachers imagenet") for name, url in IMAGENET_TEACHERS.items()]
+    elif which == "seg":
+        files = [f.get(url, f.data_dir / dest, source="teachers seg") for dest, url in SEG_FILES.items()]
     elif which == "imagenet-lt":
         raise GKLError("teachers imagenet-lt: the paper's ImageNet-LT teachers (ResNeXt-101 32x4d, ResNet-50) are not released "
                        "by the authors or elsewhere; train them with the official DKL repository's ImageNetLT_train_X101_baseline.sh "
                        "and put them at DATA_DIR/teachers/imagenet_lt_resnext101-32x4d.pth and DATA_DIR/teachers/imagenet_lt_resnet50.pth")
     else:
-        raise GKLError(f"teachers {which}: use cifar100, imagenet, imagenet-lt or clip")
+        raise GKLError(f"teachers {which}: use cifar100, imagenet, imagenet-lt, clip or seg")
     for path in files:
         _check_teacher(path)
     return files
@@ -290,8 +300,8 @@ def fetch_command(kind: str, recipe: Any) -> Optional[str]:
 
     if is_timm(recipe.teacher.arch):  # timm teachers come from the Hugging Face hub; the refusal names the command
         return None
-    dataset = "clip" if recipe.kind == "clip-kd" else recipe.data.dataset
-    return f"gkl fetch teachers {dataset} --data-dir DATA_DIR" if dataset in ("cifar100", "imagenet", "clip") else None
+    dataset = {"clip-kd": "clip", "seg-kd": "seg"}.get(recipe.kind, recipe.data.dataset)
+    return f"gkl fetch teachers {dataset} --data-dir DATA_DIR" if dataset in ("cifar100", "imagenet", "clip", "seg") else None
 
 
 def fetch_for(recipes: list[Any], f: Fetcher) -> list[Path]:
@@ -315,4 +325,7 @@ def fetch_for(recipes: list[Any], f: Fetcher) -> list[Path]:
     clip = [r for r in recipes if r.kind == "clip-kd" and r.teacher.checkpoint == CLIP_TEACHER[2]]
     if clip and not (f.data_dir / CLIP_TEACHER[2]).is_file():
         fetched += fetch_teachers("clip", f)
+    seg = {r.teacher.checkpoint for r in recipes if r.kind == "seg-kd"} | {r.model.pretrained for r in recipes if r.kind == "seg-kd"}
+    if any(name in SEG_FILES and not (f.data_dir / name).is_file() for name in seg):
+        fetched += fetch_teachers("seg", f)
     return fetched

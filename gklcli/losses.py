@@ -383,11 +383,12 @@ class ClassPrior:
 # `LossEntry`: the function, the recipe settings it reads, whether it needs the labels or a class
 # prior. Steps, the `--dry-run` text and the reproduce reports all go through it; a new task adds
 # entries. Kinds: "at" (the robust term of adversarial training), "kd" (the distillation term),
-# "attack" (the inner maximisation of adversarial training), "clip" (CLIP distillation) and "semi" (the
-# consistency term of semi-supervised learning, formulas in `gklcli.semi_losses`).
+# "attack" (the inner maximisation of adversarial training), "clip" (CLIP distillation), "semi" (the
+# consistency term of semi-supervised learning, formulas in `gklcli.semi_losses`) and "seg" (the pixel
+# term of segmentation distillation: the kd formulas on pixels, `gklcli.seg_losses`).
 
 KINDS = {"at": "adversarial-training", "kd": "distillation", "attack": "attack", "clip": "CLIP-distillation",
-         "semi": "semi-supervised consistency"}
+         "semi": "semi-supervised consistency", "seg": "segmentation distillation"}
 # how each setting is written in texts (the paper's symbols)
 SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "prior_temperature": "τ", "temperature": "T",
            "weight_temperature": "T2", "trades_beta": "β_TRADES", "kd_weight": "KD weight", "dist_beta": "β_DIST",
@@ -525,22 +526,24 @@ class _Fixed:
 
 _GKL_READS = ("alpha", "beta", "gamma", "temperature", "normalization")
 LOSSES: dict[str, LossEntry] = {e.name: e for e in (
-    LossEntry("gkl", "GKL", _gkl, ("at", "kd", "attack", "clip", "semi"), _GKL_READS, prior=True, needs_targets=True,
+    LossEntry("gkl", "GKL", _gkl, ("at", "kd", "attack", "clip", "semi", "seg"), _GKL_READS, prior=True, needs_targets=True,
               note="Eq. 13: α/4·wMSE + β·soft-label CE; as an attack loss α = β = γ = 1 (official CIFAR-100); "
                    "on CLIP similarities sample-wise, both directions (§4.4); as a semi-supervised consistency "
-                   "sample-wise, wMSE / Σw per sample, masked (§6.4)",
+                   "sample-wise, wMSE / Σw per sample, masked (§6.4); in segmentation distillation pixels are the "
+                   "samples (TABLE XXIII, gklcli.seg_losses)",
               variants=(("semi", _terms(semi.gkl_consistency), ("alpha", "beta", "gamma")),)),
     LossEntry("ikl", "IKL", _ikl, ("at", "kd"), ("alpha", "beta", "temperature"), prior=True, needs_targets=True,
               note="the conference version: γ = 1, wMSE / B"),
     LossEntry("dkl", "DKL", _dkl, ("at",), ("alpha", "beta"), note="Theorem 1 without the GKL changes"),
     LossEntry("trades", "TRADES", _trades, ("at",), ("trades_beta",), note="β_TRADES·KL(clean ‖ adversarial)"),
-    LossEntry("kd", "KD", _kd, ("kd", "clip"), ("temperature", "kd_weight"), note="Hinton's KD, ×T² (CLIP: KL-KD at t)"),
+    LossEntry("kd", "KD", _kd, ("kd", "clip", "seg"), ("temperature", "kd_weight"),
+              note="Hinton's KD, ×T² (CLIP: KL-KD at t; segmentation: APD's pixel KL)"),
     LossEntry("jsd", "JSD", _jsd, ("kd",), ("temperature", "kd_weight"), note="Jensen-Shannon, appendix §6.6"),
     LossEntry("dkd", "DKD", _dkd, ("kd",), ("alpha", "beta", "temperature"), needs_targets=True,
               note="α·TCKD + β·NCKD (×T²), the DKD baseline"),
     LossEntry("dist", "DIST", _dist, ("kd",), ("dist_beta", "dist_gamma", "temperature", "kd_weight"),
               note="KD weight·τ²·(β_DIST·inter + γ_DIST·intra Pearson relations), the DIST baseline"),
-    LossEntry("ce", "CE only", _ce, ("kd", "attack", "clip", "semi"), needs_targets=True, needs_teacher=False,
+    LossEntry("ce", "CE only", _ce, ("kd", "attack", "clip", "semi", "seg"), needs_targets=True, needs_teacher=False,
               note="the labels alone: as a distillation loss the student baseline (CLIP: the contrastive loss alone), "
                    "as an attack loss Madry's PGD; as a semi-supervised consistency the CE on hard pseudo-labels, masked",
               variants=(("semi", _terms(semi.consistency(semi.hard_ce)), ()),)),
@@ -557,7 +560,7 @@ LOSS_SETTINGS = tuple(dict.fromkeys(k for e in LOSSES.values() for kind in e.kin
 
 def loss_kind(recipe_kind: str) -> str:
     """The registry kind of a recipe kind: a clip-kd recipe's loss is a "clip" loss, others share the name."""
-    return {"clip-kd": "clip"}.get(recipe_kind, recipe_kind)
+    return {"clip-kd": "clip", "seg-kd": "seg"}.get(recipe_kind, recipe_kind)
 
 
 def loss_names(kind: str) -> tuple[str, ...]:

@@ -110,7 +110,7 @@ class DigitsCfg:
 
 @dataclass
 class DataCfg:
-    dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "digits", "imagenet", "imagenet-lt", "pairs"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "npz", "synthetic", "digits", "imagenet", "imagenet-lt", "pairs", "ade20k"] = "cifar10"
     root: Optional[str] = None  # dataset directory (`--data-dir`); None: ./data
     download: bool = True  # torchvision download when the files are missing (needs internet)
     path: Optional[str] = None  # the .npz training file for dataset=npz (keys `image`, `label`)
@@ -233,6 +233,8 @@ class OptimCfg:
     decay_1d: bool = True
     # layer-wise lr decay for ViTs (USB, BEiT): a parameter group at depth d of D gets lr·layer_decay^(D − d)
     layer_decay: float = _num(1.0, 0.0, 1.0, lo_open=True)
+    # the lr of a model's head (its `head_modules`: a PSPNet's ppm, cls, aux and APD adapter) is lr × this (APD: 10)
+    head_lr_scale: float = _num(1.0, 0.0, lo_open=True)
 
 
 @dataclass
@@ -243,8 +245,9 @@ class ScheduleCfg:
     # `cosinew` (torch OneCycleLR per epoch, warm-up = warmup_epochs, momentum cycled 0.95↔0.85)
     # cosine-timm: timm's CosineLRScheduler per epoch (linear warm-up from warmup_lr, cosine to min_lr);
     # cosine-usb: USB's get_cosine_schedule_with_warmup per step, lr·cos(7π·k/(16·K)) after warmup_steps
+    # poly: lr·(1 − k/K)^poly_power per step k of K (APD's / semseg's poly_learning_rate)
     lr_schedule: Literal["cosine-official", "cosine-trades", "onecycle", "cosine", "cosine-timm", "cosine-usb", "multistep",
-                         "constant"] = "cosine-official"
+                         "poly", "constant"] = "cosine-official"
     milestones: list[int] = field(default_factory=list)
     lr_decay: float = _num(0.1, 0.0, 1.0)
     warmup_epochs: int = _num(0, 0)  # linear learning-rate warm-up
@@ -253,6 +256,7 @@ class ScheduleCfg:
     warmup_steps: int = _num(0, 0)
     min_lr: float = _num(0.0, 0.0)  # cosine-timm: the last epochs' lr
     warmup_lr: float = _num(0.0, 0.0)  # cosine-timm: the first warm-up epoch's lr
+    poly_power: float = _num(0.9, 0.0)  # poly: the power
 
 
 @dataclass
@@ -301,6 +305,37 @@ class SemiCfg:
 
 
 @dataclass
+class SegCfg:
+    """Segmentation distillation (kind seg-kd, TABLE XXIII) as APD's ADE20K config (config/ade20k/
+    ade20k_release_psp18_psp101.yaml): data, augmentation, evaluation and APD's loss weights. `loss.*` is
+    the pixel term (kd = APD's KL, gkl, or ce: no teacher, the baseline)."""
+
+    num_classes: int = _num(150, 2)
+    reduce_zero_label: bool = True  # raw ADE20K masks: 0 (other) → ignore 255, k → k − 1
+    train_list: Optional[str] = None  # APD/semseg list files (`image mask` per line, relative to the dataset root)
+    val_list: Optional[str] = None
+    crop_size: int = _num(473, 9)  # train_h/train_w (APD: (size − 1) % 8 == 0)
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # scale_min, scale_max
+    rotate_range: list[float] = field(default_factory=lambda: [-10.0, 10.0])  # rotate_min, rotate_max
+    aux_weight: float = _num(0.4, 0.0)
+    main_weight: float = _num(1.0, 0.0)
+    # APD's KLDivLoss() mean divides by every element, classes included (elements); pixels: the per-pixel mean
+    kd_reduction: Literal["elements", "pixels"] = "elements"
+    pred_kmeans_weight: float = _num(10.0, 0.0)  # APD's weight of the pixel→prototype KL (0: no prototype terms)
+    proto_align_weight: float = _num(10.0, 0.0)
+    kmeans_temp: float = _num(10.0, 0.0, lo_open=True)
+    kmeans_norm: bool = True
+    adapter_dim: int = _num(512, 1)  # kmeans_adapt_dim of both 1×1 adapters
+    # the teacher adapter's Adam (betas 0.9, 0.99), at a constant lr: APD's poly update of it never runs
+    teacher_lr: float = _num(1e-5, 0.0, lo_open=True)
+    base_size: int = _num(512, 8)  # evaluation: the long side before inference
+    eval_mode: Literal["sliding", "whole"] = "sliding"
+    stride_rate: float = _num(2.0 / 3.0, 0.0, 1.0, lo_open=True)
+    eval_flip: bool = True
+    eval_scales: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
 class TrainCfg:
     seed: int = 0
     amp: Literal["none", "bf16"] = "none"
@@ -336,13 +371,17 @@ class EvalCfg:
 class OutputCfg:
     dir: Optional[str] = None  # None: runs/<recipe name>
     overwrite: bool = False
-    tensorboard: bool = True
+    # the experiment trackers that receive every epoch's record, the recipe and results.json (docs/tracking.md)
+    tracker: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # false: no TensorBoard whatever output.tracker lists (the switch of older recipes)
+    project: str = "gkl"  # the W&B project and the MLflow experiment
+    mlflow_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else the file store OUT/mlruns
     plots: bool = True
 
 
 @dataclass
 class Recipe:
-    kind: Literal["at", "kd", "clip-kd", "semi"] = "at"
+    kind: Literal["at", "kd", "clip-kd", "semi", "seg-kd"] = "at"
     meta: MetaCfg = field(default_factory=MetaCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -354,6 +393,7 @@ class Recipe:
     ema: EmaCfg = field(default_factory=EmaCfg)
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     semi: SemiCfg = field(default_factory=SemiCfg)
+    seg: SegCfg = field(default_factory=SegCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
@@ -531,7 +571,7 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
     require(sched.warmup_epochs < sched.epochs, "schedule.warmup_epochs", f"must be < schedule.epochs ({sched.epochs})")
     require(sched.lr_schedule != "onecycle" or sched.warmup_epochs >= 2, "schedule.warmup_epochs",
             f"'onecycle' needs a warm-up of at least 2 epochs (torch's OneCycleLR divides by warm-up − 1), got {sched.warmup_epochs}")
-    if recipe.kind in ("kd", "clip-kd"):
+    if recipe.kind in ("kd", "clip-kd") or (recipe.kind == "seg-kd" and recipe.loss.name != "ce"):
         require(recipe.teacher.arch is not None, "teacher.arch", f"kind {recipe.kind!r} needs a teacher architecture")
     clip = recipe.kind == "clip-kd"
     require(clip == (data.dataset == "pairs"), "data.dataset",
@@ -549,16 +589,42 @@ def _check_consistency(recipe: Recipe, sources: Sources) -> None:
     require(data.augment == "timm" or data.train_interpolation == "bilinear", "data.train_interpolation", "is for data.augment 'timm'")
     from gklcli.models.timm_models import is_timm
 
-    reads_init = recipe.kind == "semi" or (recipe.kind == "kd" and is_timm(model.arch))  # what builds such students
+    _check_seg(recipe, require)
+    # what builds such students: USB's ViTs, timm students, APD's ImageNet-initialised PSPNet backbones
+    reads_init = recipe.kind in ("semi", "seg-kd") or (recipe.kind == "kd" and is_timm(model.arch))
     require(reads_init or model.drop_path == 0, "model.drop_path", f"is read for timm students (timm/NAME) of kind 'kd' "
             f"and the ViTs of kind 'semi', not for {model.arch!r} of kind {recipe.kind!r}")
     require(reads_init or model.pretrained is None, "model.pretrained", f"is read for timm students (timm/NAME) of kind "
             f"'kd' and the ViTs of kind 'semi', not for {model.arch!r} of kind {recipe.kind!r}")
     require(recipe.optim.name == "sgd" or recipe.optim.nesterov is False, "optim.nesterov", "is for optim.name 'sgd'")
+    trackers = recipe.output.tracker
+    require(len(set(trackers)) == len(trackers), "output.tracker", f"lists a tracker twice: {show(trackers)}")
     require(sched.warmup_steps == 0 or (sched.lr_schedule in ("cosine", "cosine-usb") and sched.warmup_epochs == 0),
             "schedule.warmup_steps", "is a step warm-up before schedule.lr_schedule 'cosine' (OpenCLIP's) or 'cosine-usb' "
             "(USB's), without warmup_epochs")
     _check_loss(recipe, sources)
+
+
+def _check_seg(recipe: Recipe, require: Any) -> None:
+    """kind seg-kd: ADE20K, segmentation models, APD's list-valued settings."""
+    seg, data = recipe.kind == "seg-kd", recipe.data
+    require(seg == (data.dataset == "ade20k"), "data.dataset",
+            "kind 'seg-kd' trains on dataset 'ade20k'" if seg else "'ade20k' (segmentation masks) is for kind 'seg-kd'")
+    if not seg:
+        return
+    from gklcli.models import get_spec
+
+    for key, arch in (("model.arch", recipe.model.arch), ("teacher.arch", recipe.teacher.arch)):
+        require(arch is None or get_spec(arch).family == "segmentation", key,
+                f"{arch!r} is not a segmentation model (pspnet-r18, pspnet-r101, …; `gkl models`)")
+    require(data.augment == "none", "data.augment", "segmentation crops, scales and rotates as APD does (seg.*): set data.augment: none")
+    s = recipe.seg
+    lo, hi = (s.scale_range + [0.0, 0.0])[:2]
+    require(len(s.scale_range) == 2 and 0 < lo <= hi, "seg.scale_range", f"must be [min, max] with 0 < min ≤ max, got {s.scale_range}")
+    require(len(s.rotate_range) == 2 and s.rotate_range[0] <= s.rotate_range[1], "seg.rotate_range",
+            f"must be [min, max] in degrees, got {s.rotate_range}")
+    require(bool(s.eval_scales) and all(x > 0 for x in s.eval_scales), "seg.eval_scales", f"must be positive scales, got {s.eval_scales}")
+    require(recipe.model.num_classes in (None, s.num_classes), "model.num_classes", f"must equal seg.num_classes ({s.num_classes})")
 
 
 def _check_archs(recipe: Recipe, sources: Sources) -> None:

@@ -25,7 +25,8 @@ ood:imagenet-r, ood:imagenet-sketch for distillation. `top1` is the last epoch's
 epochs, mdistiller's protocol that the paper's CIFAR-100 and ImageNet KD tables report; its recipe
 must evaluate the test set every epoch (`eval.test_every_epochs`), and reports label such cells.
 zeroshot:D (D = imagenet, imagenet-v2, imagenet-sketch, imagenet-r) is a CLIP run's zero-shot top-1 and
-teacher_zeroshot:D its pretrained teacher's (kind clip-kd). A semi-supervised run (kind semi) reports the
+teacher_zeroshot:D its pretrained teacher's (kind clip-kd). miou, pixel_acc and mean_acc are a segmentation
+run's (kind seg-kd) on ADE20K's validation split, teacher_miou its teacher's. A semi-supervised run (kind semi) reports the
 classification metrics of its test evaluations as well: top1, top5, s_iter, top1@best and top5@best.
 """
 
@@ -49,6 +50,8 @@ KD_METRIC = re.compile(r"^(top1|top5|many|medium|few|s_iter|teacher_top1|ood:ima
 KD_BEST = re.compile(r"^(top1|top5|many|medium|few)@best$")
 MEAN = re.compile(r"^mean\((.+)\)$")
 CLIP_METRIC = re.compile(r"^(teacher_)?zeroshot:(imagenet|imagenet-v2|imagenet-sketch|imagenet-r)$")
+# kind seg-kd (TABLE XXIII): the last epoch's mIoU on the validation split (also pixel_acc, mean_acc), the teacher's
+SEG_METRIC = re.compile(r"^(teacher_)?(miou|pixel_acc|mean_acc)$|^s_iter$")
 # the 'kd' metrics that a semi-supervised run (kind semi) also produces: its test evaluations, per epoch and last
 SEMI_METRIC = re.compile(r"^(top1|top5|s_iter|top1@best|top5@best)$")
 
@@ -126,9 +129,9 @@ def is_best_metric(metric: str) -> bool:
 
 
 def metric_kind(metric: str) -> str:
-    """'at', 'kd' or 'clip-kd': which kind of recipe can produce the metric."""
+    """'at', 'kd', 'clip-kd' or 'seg-kd': which kind of recipe can produce the metric."""
     kinds = {"at" if AT_METRIC.match(m) else "kd" if KD_METRIC.match(m) or KD_BEST.match(m) else
-             "clip-kd" if CLIP_METRIC.match(m) else "?" for m in metric_parts(metric)}
+             "clip-kd" if CLIP_METRIC.match(m) else "seg-kd" if SEG_METRIC.match(m) else "?" for m in metric_parts(metric)}
     if len(kinds) != 1 or "?" in kinds:
         raise ValueError(metric)
     return kinds.pop()
@@ -136,7 +139,9 @@ def metric_kind(metric: str) -> str:
 
 def metric_kinds(metric: str) -> set[str]:
     """Every recipe kind that can produce the metric: `metric_kind`'s, and 'semi' for the classification
-    metrics of a semi-supervised run's test evaluations (`SEMI_METRIC`)."""
+    metrics of a semi-supervised run's test evaluations (`SEMI_METRIC`); s_iter is every training kind's."""
+    if metric == "s_iter":
+        return {"at", "kd", "clip-kd", "semi", "seg-kd"}
     kind = metric_kind(metric)
     return {kind, "semi"} if all(SEMI_METRIC.match(m) for m in metric_parts(metric)) else {kind}
 

@@ -44,9 +44,11 @@ def _recipe_summary(r: Recipe) -> str:
 
     parts = [f"{r.model.arch} on {r.data.dataset}", f"{r.schedule.epochs} ep × batch {r.data.batch_size}", f"lr {r.optim.lr:g}",
              f"loss {loss_text(r)}", f"seed {r.train.seed}"]
-    if r.kind in ("kd", "clip-kd"):
+    if r.kind in ("kd", "clip-kd", "seg-kd"):
         needs = get_loss(r.loss.name, loss_kind(r.kind)).needs_teacher
         parts.insert(1, f"teacher {r.teacher.arch}" if needs else "no teacher")
+        if r.kind == "seg-kd" and needs and r.seg.pred_kmeans_weight + r.seg.proto_align_weight > 0:
+            parts[4] += f" + APD prototypes (KL ×{r.seg.pred_kmeans_weight:g}, align ×{r.seg.proto_align_weight:g})"
     elif r.kind == "semi":
         from gklcli.train.semi import consistency_text
 

@@ -26,7 +26,7 @@ def _forward_flops(arch: str, num_classes: int, size: int) -> float:
     from gklcli.models import create_model
 
     with torch.device("meta"):
-        model = create_model(arch, num_classes=num_classes)
+        model = create_model(arch, num_classes=num_classes).eval()  # eval: one image passes BatchNorm of 1×1 maps
         x = torch.empty(1, 3, size, size)
     with FlopCounterMode(display=False) as counter:
         model(x)
@@ -98,6 +98,32 @@ def semi_gpu_hours(recipe: Any) -> float:
     return total / GPU_FLOPS / 3600
 
 
+def seg_gpu_hours(job: Job) -> float:
+    """A segmentation run: per crop the teacher's forward and the student's forward and backward (3×), plus
+    the validation passes (APD's sliding windows: 2 windows × flip of a 512-px image); a teacher report: the
+    final validation pass of the teacher."""
+    import math
+
+    from gklcli.seg_data import ADE20K_SIZES
+
+    r, s = job.recipe, job.recipe.seg
+    long_side = round(max(s.eval_scales) * s.base_size)
+    windows = (math.ceil(max(long_side - s.crop_size, 0) / math.ceil(s.crop_size * s.stride_rate)) + 1) * (2 if s.eval_flip else 1)
+    passes = windows * len(s.eval_scales)
+    n_val = r.eval.n_test or ADE20K_SIZES["val"]
+    if job.kind == "teacher":
+        return forward_flops(r.teacher.arch, s.num_classes, s.crop_size) * n_val * passes / GPU_FLOPS / 3600
+    fwd = forward_flops(r.model.arch, s.num_classes, s.crop_size)
+    steps = ADE20K_SIZES["train"] // r.data.batch_size
+    if r.train.max_steps_per_epoch:
+        steps = min(steps, r.train.max_steps_per_epoch)
+    teacher = forward_flops(r.teacher.arch, s.num_classes, s.crop_size) if r.loss.name != "ce" else 0.0
+    train = r.schedule.epochs * steps * r.data.batch_size * (teacher + 3 * fwd)
+    validations = r.schedule.epochs // r.eval.every_epochs
+    evaluated = (validations * (r.eval.n_val or ADE20K_SIZES["val"]) + (n_val if r.eval.final_test else 0)) * passes * fwd
+    return (train + evaluated) / GPU_FLOPS / 3600
+
+
 def estimate_gpu_hours(job: Job) -> float:
     """Order-of-magnitude GPU-hours of a job from its recipe (FLOPs counted on the meta device)."""
     from gklcli.datasets import DATASETS
@@ -108,6 +134,8 @@ def estimate_gpu_hours(job: Job) -> float:
         return clip_gpu_hours(job)
     if r.kind == "semi":
         return semi_gpu_hours(r)
+    if r.kind == "seg-kd":
+        return seg_gpu_hours(job)
     d = r.data
     known = DATASETS.get(d.dataset)  # None for npz and synthetic
     classes = r.model.num_classes or (known.classes if known else

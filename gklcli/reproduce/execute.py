@@ -133,6 +133,13 @@ def check_inputs(jobs: list[Job], plan: Plan) -> None:
             from gklcli.reproduce.zeroshot import check_inputs as check_clip_inputs
 
             check_clip_inputs(job, plan)
+        if r.kind == "seg-kd":
+            from gklcli.train.seg import check_inputs as check_seg_inputs
+
+            try:
+                check_seg_inputs(r, plan.data_dir, teacher_only=job.kind == "teacher")
+            except GKLError as err:
+                raise GKLError(f"{r.meta.name}: {err}{hint('teacher', r) if 'data.root' not in str(err) else ''}") from None
         if r.kind == "semi" and r.model.pretrained:  # USB's ViT-small starts from its ImageNet weights
             from gklcli.train.semi import resolve_pretrained
 
@@ -160,6 +167,8 @@ def _teacher(job: Job, plan: Plan, device: Optional[str]) -> None:
         clip_teacher_report(job, plan, device)
         return
 
+    if job.recipe.kind == "seg-kd":
+        from gklcli.train.seg import seg_teacher_report as teacher_report
     report = teacher_report(job.recipe, data_dir=plan.data_dir, device=device)
     job.dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job.dir, json.dumps(report, indent=2) + "\n")
@@ -263,6 +272,9 @@ def _build_smoke_inputs(plan: Plan, root: Path, device: Optional[str], console: 
     from gklcli.reproduce.zeroshot import build_smoke_inputs
 
     build_smoke_inputs(plan, root, device, console)
+    from gklcli.train.seg import build_smoke_inputs as build_seg_smoke_inputs
+
+    build_seg_smoke_inputs(list(plan.jobs.values()), root, device, console)
     kd = [j for j in plan.jobs.values() if j.recipe.kind == "kd"]
     if kd and not (root / "teacher" / "results.json").is_file():
         from gklcli.train.kd import train_distill

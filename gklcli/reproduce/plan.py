@@ -187,6 +187,10 @@ def smoke_overrides(recipe: Recipe, root: Path) -> list[str]:
         from gklcli.train.semi import smoke_overrides as semi_smoke_overrides
 
         return semi_smoke_overrides(SMOKE_SIZE, SMOKE_CLASSES, SMOKE_TEST)
+    if recipe.kind == "seg-kd":
+        from gklcli.train.seg import smoke_overrides as seg_smoke_overrides
+
+        return seg_smoke_overrides(root)
     sets = [
         "data.dataset=synthetic", "data.synthetic.num_train=96", f"data.synthetic.num_test={SMOKE_TEST}",
         f"data.synthetic.image_size={SMOKE_SIZE}", f"data.synthetic.num_classes={SMOKE_CLASSES}", "data.val_size=16",
@@ -213,11 +217,21 @@ def smoke_overrides(recipe: Recipe, root: Path) -> list[str]:
 
 def is_teacher_metric(metric: str) -> bool:
     """A number of the (pretrained, frozen) teacher rather than of a trained run."""
-    return metric == "teacher_top1" or metric.startswith("teacher_zeroshot:")
+    return metric in ("teacher_top1", "teacher_miou") or metric.startswith("teacher_zeroshot:")
 
 
 def resolve_spec(spec: RunSpec, extra: list[str]) -> Recipe:
     return load_recipe(resolve_recipe_path(spec.recipe), [*spec.overrides, *extra])
+
+
+def _teacherless(spec: RunSpec, metric: str) -> bool:
+    """A teacher's number asked of a row without a teacher (TABLE XXIII's baseline): the cell stays empty."""
+    from gklcli.losses import get_loss, loss_kind
+
+    if not is_teacher_metric(metric):
+        return False
+    recipe = resolve_spec(spec, [])
+    return not get_loss(recipe.loss.name, loss_kind(recipe.kind)).needs_teacher
 
 
 def _job_for(spec: RunSpec, metric: str, seed_offset: int, plan: Plan, cache: dict[tuple, Job]) -> Job:
@@ -263,7 +277,7 @@ def build_plan(tables: list[Table], *, rows: Optional[str], seeds: int, out: Pat
             row_attacks = tuple(c.metric for c in row.cells if c.metric and re.match(r"^(pgd|cw)-\d+$", c.metric))
             for cell in row.cells:
                 jobs: list[Job] = []
-                if cell.run is not None and cell.metric is not None:
+                if cell.run is not None and cell.metric is not None and not _teacherless(cell.run, cell.metric):
                     offsets = [0] if is_teacher_metric(cell.metric) else range(seeds)
                     jobs = [_job_for(cell.run, cell.metric, k, plan, cache) for k in offsets]
                     for job in jobs:

@@ -80,9 +80,9 @@ def metric_value(job: Job, metric: str, plan: Plan, worst_of: tuple[str, ...] = 
     if len(parts) > 1:
         values = [metric_value(job, m, plan) for m in parts]
         return statistics.fmean(values) if all(v is not None for v in values) else None
-    if metric == "teacher_top1":
+    if metric in ("teacher_top1", "teacher_miou"):  # the teacher's report: test_top1 / test_miou
         report = _read_json(job.dir)
-        return (report or {}).get("test_top1")
+        return (report or {}).get("test_" + metric.removeprefix("teacher_"))
     if metric.startswith("ood:"):
         report = _read_json(ood_path(job, plan.checkpoint, metric[4:]))
         return (report or {}).get("top1")
@@ -90,7 +90,7 @@ def metric_value(job: Job, metric: str, plan: Plan, worst_of: tuple[str, ...] = 
         return ((_read_json(job.dir) or {}).get(metric.partition(":")[2]) or {}).get("top1")
     if metric.startswith("zeroshot:"):
         return (_read_json(zeroshot_path(job, plan.checkpoint, metric.partition(":")[2])) or {}).get("top1")
-    if job.kind in ("kd", "semi"):
+    if job.kind in ("kd", "semi", "seg-kd"):
         return _train_metric(job, metric, plan.checkpoint)
     return _eval_metric(job, metric, plan, worst_of)
 

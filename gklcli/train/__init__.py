@@ -2,8 +2,8 @@
 
 `engine.Engine` owns the loop, checkpoints, resume, DDP, AMP, logging and evaluation; a *step*
 computes each batch's loss: `at.AdversarialStep` (`gkl train-at`), `kd.DistillStep` and
-`clip.ClipStep` (`gkl distill`), `semi.SemiStep` (`gkl train-semi`); a *workload* (`workload.ImageWorkload`,
-`clip.ClipWorkload`, `semi.SemiWorkload`) supplies the data and the model. `trainer(kind)` is the training function of a recipe kind.
+`clip.ClipStep` and `seg.SegStep` (`gkl distill`), `semi.SemiStep` (`gkl train-semi`); a *workload*
+(`workload.ImageWorkload`, `clip.ClipWorkload`, `semi.SemiWorkload`, `seg.SegWorkload`) supplies the data and the model. `trainer(kind)` is the training function of a recipe kind.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
-TRAIN_VERBS = {"at": "train-at", "kd": "distill", "clip-kd": "distill", "semi": "train-semi"}  # the gkl command of a kind
+TRAIN_VERBS = {"at": "train-at", "kd": "distill", "clip-kd": "distill", "semi": "train-semi", "seg-kd": "distill"}  # the gkl command of a kind
 
 
 def trainer(kind: str) -> Callable[..., dict[str, Any]]:
-    """`train_at`, `train_distill`, `train_clip` or `train_semi` for a recipe's `kind` (imported on demand: they pull in torch)."""
+    """`train_at`, `train_distill`, `train_clip`, `train_semi` or `train_seg` for a recipe's `kind` (imported on demand: they pull in torch)."""
     if kind == "at":
         from gklcli.train.at import train_at
 
@@ -28,6 +28,10 @@ def trainer(kind: str) -> Callable[..., dict[str, Any]]:
         from gklcli.train.semi import train_semi
 
         return train_semi
+    if kind == "seg-kd":
+        from gklcli.train.seg import train_seg
+
+        return train_seg
     from gklcli.train.kd import train_distill
 
     return train_distill

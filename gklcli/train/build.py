@@ -86,6 +86,22 @@ def parameter_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
             {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
 
 
+def head_groups(module: nn.Module, groups: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
+    """Each group split in two: the model's head (its `head_modules`) at lr_scale `scale`, the rest at 1 —
+    APD's 10× lr for the PPM, classifier, auxiliary head and adapter of a PSPNet."""
+    names = getattr(module, "head_modules", None)
+    if not names:
+        raise GKLError(f"optim.head_lr_scale: {type(module).__name__} does not say which modules are its head")
+    head = {id(p) for n in names if getattr(module, n, None) is not None for p in getattr(module, n).parameters()}
+    out = []
+    for group in groups:
+        for in_head, lr_scale in ((False, 1.0), (True, scale)):
+            params = [p for p in group["params"] if (id(p) in head) == in_head]
+            if params:
+                out.append({**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * lr_scale})
+    return out
+
+
 def layer_decay_groups(module: nn.Module, opt: Any) -> list[dict[str, Any]]:
     """timm's layer-wise lr decay (USB's, BEiT's): groups by the model's `group_matcher` depth d of D, each
     with lr_scale = layer_decay^(D − d); no weight decay on 1-D tensors and `no_weight_decay()` names."""
@@ -103,6 +119,8 @@ def make_optimizer(module: nn.Module, opt: Any) -> torch.optim.Optimizer:
     """The recipe's SGD, AdamW or LAMB (`optim`) over `parameter_groups(module, opt)` (or, with
     `optim.layer_decay` < 1, `layer_decay_groups`; the engine scales each group's lr by its lr_scale)."""
     groups = layer_decay_groups(module, opt) if opt.layer_decay < 1 else parameter_groups(module, opt)
+    if opt.head_lr_scale != 1:
+        groups = head_groups(module, groups, opt.head_lr_scale)
     if opt.name == "adamw":
         return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.name == "lamb":  # timm's LAMB (Hao et al.'s strong KD scheme)

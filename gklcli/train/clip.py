@@ -39,6 +39,7 @@ from gklcli.recipes import Recipe
 from gklcli.train.build import wrap_model
 from gklcli.train.engine import Context, StepResult
 from gklcli.train.kd import warmup_factor
+from gklcli.train.workload import worker_errors
 
 MAX_LOGIT_SCALE = math.log(100)  # OpenCLIP clamps logit_scale to [0, ln 100] after every step
 
@@ -201,10 +202,7 @@ class ClipWorkload:
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.recipe.data.num_workers,
                                              pin_memory=self.env.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(self.recipe.train.seed))
-        try:
-            yield from loader
-        except GKLError as error:  # raised in a worker, it carries the worker's traceback in its message
-            raise GKLError(str(error).strip().splitlines()[-1].removeprefix("gklcli.errors.GKLError: ")) from None
+        return worker_errors(loader)
 
     def train_loader(self, epoch: int, start: int) -> Any:
         from gklcli.pairs import PairBatches, clip_transform

@@ -94,6 +94,9 @@ def loss_text(recipe: Recipe) -> str:
     loss, kind = recipe.loss, loss_kind(recipe.kind)
     text = get_loss(loss.name, kind).describe(kind, loss)
     first = "contrastive" if kind == "clip" else "BCE" if loss.label_loss == "bce" else "CE"
+    if kind == "seg":  # the student's main and auxiliary CE (seg.*), then the pixel term
+        own = f"CE ×{recipe.seg.main_weight:g} + aux CE ×{recipe.seg.aux_weight:g}"
+        return f"{own} + {text}" if loss.name != "ce" else own
     return f"{first} ×{loss.ce_weight:g} + {text}" if loss.name != "ce" else f"{first} only" if kind == "clip" else text
 
 

@@ -41,6 +41,7 @@ def learning_rate(optim: Any, sched: Any, epoch: int, step: int, steps_per_epoch
       lr/25, cosine down to lr/25/1e4; see `momentum`). Its warm-up is part of the schedule.
     * ``cosine``: per-step cosine from lr to 0 after the warm-up.
     * ``multistep``: lr·decay^k with k the milestones already passed (epoch > milestone, mdistiller).
+    * ``poly``: lr·(1 − k/K)^poly_power at step k of K (APD/semseg; no warm-up).
     * ``constant``.
     A linear warm-up over ``warmup_epochs`` precedes every schedule but ``onecycle``: per step, or
     with ``warmup_mode: epoch`` lr·e/W held for each epoch e ≤ W (the ImageNet-LT script's).
@@ -48,6 +49,9 @@ def learning_rate(optim: Any, sched: Any, epoch: int, step: int, steps_per_epoch
     base, total, warm = optim.lr, sched.epochs, sched.warmup_epochs
     if sched.lr_schedule == "cosine-usb":
         return _usb_cosine(base, sched.warmup_steps, (epoch - 1) * steps_per_epoch + step, total * steps_per_epoch)
+    if sched.lr_schedule == "poly":  # APD's poly_learning_rate: step k of K uses lr·(1 − k/K)^power
+        k, total_steps = (epoch - 1) * steps_per_epoch + step, total * steps_per_epoch
+        return base * (1.0 - k / total_steps) ** sched.poly_power
     if sched.warmup_steps:
         return _step_cosine(base, sched.warmup_steps, (epoch - 1) * steps_per_epoch + step, total * steps_per_epoch)
     if sched.lr_schedule == "cosine-timm":

@@ -8,7 +8,7 @@ new kind of data never touches the loop, checkpoints, resume or DDP.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Iterable, Iterator, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,15 @@ class Workload(Protocol):
     def eval_loader(self, source: Any, n: Optional[int]) -> Iterable[Any]: ...
 
     def meta(self) -> dict[str, Any]: ...  # arch, dataset, image_size, input_norm for the checkpoint
+
+
+def worker_errors(loader: Iterable[Any]) -> Iterator[Any]:
+    """The loader's batches; a GKLError raised in a worker (which carries the worker's traceback in its
+    message) comes out as its one line."""
+    try:
+        yield from loader
+    except GKLError as error:
+        raise GKLError(str(error).strip().splitlines()[-1].removeprefix("gklcli.errors.GKLError: ")) from None
 
 
 def input_norm(module: nn.Module) -> Optional[dict[str, list[float]]]:
