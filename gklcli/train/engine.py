@@ -44,10 +44,12 @@ from gklcli.train.results import add_test_best, epoch_line, run_results, write_r
 from gklcli.train.resume import check_resumable, read_training_checkpoint
 from gklcli.train.schedule import learning_rate, momentum
 from gklcli.train.signals import install_signal_handlers, restore_signal_handlers
+from gklcli.train.trackers import RUN_FOLDERS as TRACKER_FOLDERS, STATE_FILE as TRACKER_STATE
 from gklcli.train.workload import ImageWorkload, Workload
 
 # The files a run writes in its output folder: their presence is what --resume/--overwrite are asked about.
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "results.json", "summary.md", "curves.png", "recipe.yaml")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "results.json", "summary.md", "curves.png", "recipe.yaml",
+             TRACKER_STATE)
 
 
 class Interrupted(Exception):
@@ -126,6 +128,7 @@ class Engine:
         self.console = console or Console(stderr=False)
         self.quiet = quiet
         self.main = self.env.is_main
+        self.log = MetricsLog(self.out_dir, self.main, recipe.output)  # refuses a missing tracker extra before any data is read
         configure_determinism(recipe, self.env)
         self.workload = make_workload(recipe, data_dir, self.env)
         self.num_classes = self.workload.num_classes
@@ -153,7 +156,6 @@ class Engine:
         self.meters = Meters()
         self.best: dict[str, Any] = {}
         self.test_best: dict[str, Any] = {}  # eval.test_every_epochs: the best test epoch so far
-        self.log = MetricsLog(self.out_dir, self.main, recipe.output.tensorboard)
         self._stop_requested: str | bool = False
 
     # ----------------------------------------------------------------------------------- set-up
@@ -248,8 +250,9 @@ class Engine:
             if self.main:
                 for name in present:
                     (self.out_dir / name).unlink(missing_ok=True)
-                # the old run's curves would mix with the new one's in TensorBoard
-                shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+                # the old run's curves would mix with the new one's in TensorBoard (and its tracker files with the new run's)
+                for folder in TRACKER_FOLDERS:
+                    shutil.rmtree(self.out_dir / folder, ignore_errors=True)
         elif last.is_file():
             state = read_training_checkpoint(last)["train_state"]
             what = "a finished run" if state.get("finished") else f"an unfinished run (epoch {state.get('epoch')})"
@@ -305,6 +308,7 @@ class Engine:
                 if self.finished:
                     return self._finished_results()
             self._write_recipe()
+            self.log.start(self.recipe.to_dict())
             handlers = install_signal_handlers(self._request_stop)
             try:
                 return self._loop(interrupt_after_steps)
@@ -459,6 +463,7 @@ class Engine:
         self.epoch, self.batch = epoch + 1, 0
         self.meters = Meters()
         self._save_last()
+        self.log.publish()  # the trackers receive an epoch once a checkpoint holds it
 
     @contextlib.contextmanager
     def _weights(self, state: dict[str, Tensor]):
@@ -505,6 +510,7 @@ class Engine:
         if self.main:  # results first: a checkpoint marked finished always has its results.json
             write_results(self.out_dir, results)
         self._save_last(finished=True)
+        self.log.finish(results)
         return results
 
 

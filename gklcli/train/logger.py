@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl/.csv, TensorBoard events, a PNG of the curves, console progress."""
+"""Run outputs: metrics.jsonl/.csv, the experiment trackers (TensorBoard, W&B, MLflow), a PNG of the curves, console progress."""
 
 from __future__ import annotations
 
@@ -12,23 +12,34 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gklcli.checkpoint import atomic_save_figure, atomic_write_text, read_jsonl
+from gklcli.checkpoint import atomic_save_figure, atomic_write_text, read_json, read_jsonl
+from gklcli.errors import GKLError
+from gklcli.recipes import OutputCfg
+from gklcli.train import trackers
 
 
 class MetricsLog:
-    """Per-epoch records in `metrics.jsonl` (append-only) with a `metrics.csv` twin rewritten each epoch.
+    """Per-epoch records in `metrics.jsonl` (append-only) with a `metrics.csv` twin rewritten each epoch,
+    and the experiment trackers of `output.tracker`.
 
     On resume the records after the checkpoint's epoch are dropped, so the files always describe
-    exactly the epochs whose effects are in the checkpoint.
+    exactly the epochs whose effects are in the checkpoint. A tracker cannot drop what it received, so
+    it receives an epoch only once a checkpoint holds it (`publish`), and each epoch once:
+    `trackers.json` keeps every tracker's run id and the last epoch it received, and a resumed run
+    sends it the kept epochs after that one (all of them to a tracker added on resume).
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: Path, enabled: bool, output: OutputCfg):
+        self.out_dir = out_dir
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
-        self.writer = None
-        # the events file is opened with the first record, so a run refused at start writes nothing
-        self._tensorboard_dir = out_dir / "tensorboard" if enabled and tensorboard else None
+        self.output = output
+        self.names = trackers.active(output)
+        trackers.require(self.names)  # on every rank, so that all stop alike before any data is read
+        self.trackers: list[trackers.Tracker] = []
+        self.state: dict[str, dict[str, Any]] = {}  # trackers.json
+        self.finished = False
 
     def load(self, up_to_epoch: int) -> None:
         """Read earlier records (resume), keeping epochs ≤ `up_to_epoch`."""
@@ -39,22 +50,44 @@ class MetricsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        if not self.enabled:
-            return
-        self._rewrite()
-        if self.writer is None and self._tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+        if self.enabled:
+            self._rewrite()
 
-                self.writer = SummaryWriter(str(self._tensorboard_dir))
-            except ImportError:
-                pass
-            self._tensorboard_dir = None
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self.writer.add_scalar(key, value, record["epoch"])
-            self.writer.flush()
+    def start(self, config: dict[str, Any]) -> None:
+        """Open the trackers once the run is accepted (a refused start writes nothing): new tracker runs
+        logging the resolved recipe `config`, or on resume those of trackers.json, then send what they lack."""
+        if not self.enabled or not self.names:
+            return
+        path = self.out_dir / trackers.STATE_FILE
+        self.state = _read_tracker_state(path) if path.is_file() else {}
+        for name in self.names:
+            tracker = trackers.make(name, self.out_dir, self.output, config["meta"]["name"])
+            saved = self.state.get(name)
+            missing = [key for key in tracker.saved_keys if not isinstance((saved or {}).get(key), str)]
+            if saved is not None and missing:
+                raise GKLError(f"{path}: the {name!r} entry lacks {', '.join(missing)}; it was damaged or not written by gkl")
+            opened = tracker.start(saved, config)
+            if opened is not None:  # None: TensorBoard without its package
+                self.state[name] = {**opened, "epoch": saved["epoch"] if saved else 0}
+                self.trackers.append(tracker)
+        self.publish()
+
+    def publish(self) -> None:
+        """Send each tracker the records it has not received; called once the checkpoint holding them is written."""
+        for tracker in self.trackers:
+            entry = self.state[tracker.name]
+            for record in self.records:
+                if record["epoch"] > entry["epoch"]:
+                    tracker.log(record["epoch"], trackers.scalars(record))
+                    entry["epoch"] = record["epoch"]
+        if self.trackers:
+            atomic_write_text(self.out_dir / trackers.STATE_FILE, json.dumps(self.state, indent=2) + "\n")
+
+    def finish(self, results: dict[str, Any]) -> None:
+        """results.json (written) as every tracker's summary; the tracker runs then close as finished."""
+        for tracker in self.trackers:
+            tracker.summary(results, self.out_dir / "results.json")
+        self.finished = True
 
     def _rewrite(self) -> None:
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records))
@@ -68,8 +101,18 @@ class MetricsLog:
         atomic_write_text(self.csv, buf.getvalue())
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Close the tracker runs: finished after `finish`, else stopped (interrupted or failed; --resume reopens them)."""
+        for tracker in self.trackers:
+            tracker.close(self.finished)
+        self.trackers = []
+
+
+def _read_tracker_state(path: Path) -> dict[str, dict[str, Any]]:
+    """trackers.json: per tracker, the ids that reopen its run and the last epoch it received."""
+    state = read_json(path, "tracker runs")
+    if not isinstance(state, dict) or not all(isinstance(v, dict) and isinstance(v.get("epoch"), int) for v in state.values()):
+        raise GKLError(f"{path}: not a mapping of tracker entries with an integer epoch; it was damaged or not written by gkl")
+    return state
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
