@@ -5,7 +5,8 @@ Writes, under OUT/:
 * ``models/<dataset>/<threat>/<ID>.pt`` — a plain float32 state dict whose keys load with
   ``strict=True`` into RobustBench's class for the architecture (no ``module.`` prefix, no mean/std
   entries), so ``robustbench.utils.load_model(ID, model_dir=OUT/models, …)`` reads it offline once
-  the zoo entry exists;
+  the zoo entry exists (``<ID>.safetensors`` with ``--format safetensors``, read back into that class:
+  load_model reads only .pt);
 * ``model_info/<dataset>/<threat>/<ID>.json`` — the curated leaderboard schema (accuracies as strings
   with two decimals, ε as "8/255", field order of the curated files, no trailing newline);
 * ``zoo_entry.py`` — the entry for ``robustbench/model_zoo/<dataset>.py``;
@@ -35,7 +36,7 @@ from gklcli.names import MODEL_ID, check_name
 MODEL_ID_RULE = "a RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10"
 RESULT_KEYS = ("n_ex", "dataset", "clean_acc", "robust_acc", "version", "norm", "seed", "batch_size", "versions")
 from gklcli.loading import LoadedModel, load_strict
-from gklcli.checkpoint import atomic_save, atomic_write_text
+from gklcli.checkpoint import atomic_save, atomic_write_bytes, atomic_write_text
 
 
 
@@ -152,7 +153,7 @@ def model_info(*, results: Optional[dict[str, Any]], dataset: str, architecture:
     return info
 
 
-def zoo_entry(model_id: str, spec: RBArch, num_classes: int, dataset: str) -> str:
+def zoo_entry(model_id: str, spec: RBArch, num_classes: int, dataset: str, file_name: str) -> str:
     stats = "CIFAR100" if dataset == "cifar100" else "CIFAR10"
     code = spec.code.format(C=num_classes, D=stats)
     imports = {
@@ -165,7 +166,7 @@ def zoo_entry(model_id: str, spec: RBArch, num_classes: int, dataset: str) -> st
         f"# {imports}\n"
         f"('{model_id}', {{\n"
         f"    'model': lambda: {code},\n"
-        f"    'gdrive_id': 'GOOGLE_DRIVE_ID_OF_{model_id}.pt',  # upload models/{dataset}/Linf/{model_id}.pt and paste its id\n"
+        f"    'gdrive_id': 'GOOGLE_DRIVE_ID_OF_{model_id}.pt',  # upload models/{dataset}/Linf/{file_name} and paste its id\n"
         f"}}),\n"
     )
 
@@ -228,10 +229,34 @@ def _register_and_load(model_id: str, spec: RBArch, classes: int, dataset: str, 
             del zoo[model_id]
 
 
+def plain_state(module: nn.Module) -> dict[str, Tensor]:
+    """The module's weights as published: float32, contiguous, on the CPU (integer buffers kept as they are)."""
+    return {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
+            for k, v in module.state_dict().items()}
+
+
+def write_safetensors(state: dict[str, Tensor], path: Path) -> None:
+    """A state dict as a .safetensors file, atomically (tensors are copied: safetensors refuses shared storage)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.clone() for k, v in state.items()}, metadata={"format": "pt"}))
+
+
+def _load_safetensors_into(spec: RBArch, classes: int, dataset: str, file: Path) -> nn.Module:
+    """RobustBench's class with the exported .safetensors file loaded strictly (read back from disk)."""
+    from gklcli.models.timm_models import read_state_dict
+
+    model = build_rb_model(spec, classes, dataset)
+    load_strict(model, read_state_dict(file), f"{file} (RobustBench {spec.display})")
+    return model
+
+
 def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: str, out: Path,
            results: Optional[dict[str, Any]], results_path: Optional[Path], meta: dict[str, Any],
-           data: Optional[tuple[Tensor, Tensor]], batch_size: int, device: torch.device) -> dict[str, Any]:
-    """Write and verify the RobustBench files; returns a report of what was checked."""
+           data: Optional[tuple[Tensor, Tensor]], batch_size: int, device: torch.device, fmt: str = "pt") -> dict[str, Any]:
+    """Write and verify the RobustBench files (the weights as `fmt`: pt or safetensors); returns a report of what was checked."""
+    if fmt not in ("pt", "safetensors"):
+        raise GKLError(f"--format {fmt}: use pt (what RobustBench's load_model reads) or safetensors")
     if threat_model != "Linf":
         raise GKLError(f"--threat-model {threat_model}: gkl exports Linf models")
     if dataset not in ("cifar10", "cifar100"):
@@ -241,8 +266,7 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
     if loaded.num_classes != expected_classes:
         raise GKLError(f"--dataset {dataset}: the model has {loaded.num_classes} classes, {dataset} has {expected_classes}")
     if results is not None:
-        if results.get("model_sha256") not in (None, loaded.sha256):
-            raise GKLError(f"{results_path}: these results are for another checkpoint (sha256 {results['model_sha256'][:12]}… ≠ {loaded.sha256[:12]}…)")
+        check_results_model(results, results_path, (loaded.sha256,))
         same_data = results.get("dataset") == dataset or str(results.get("dataset", "")).startswith("npz:")
         if not same_data or results.get("norm") != threat_model or results.get("version") != "standard":
             raise GKLError(f"{results_path}: the leaderboard needs AutoAttack standard, Linf on {dataset}; the results are "
@@ -250,17 +274,19 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
     spec = rb_arch(loaded)
     rb_model = build_rb_model(spec, loaded.num_classes, dataset)
     check_normalisation(loaded, spec, rb_model)
-    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
-             for k, v in loaded.module.state_dict().items()}
+    state = plain_state(loaded.module)
     load_strict(rb_model, state, f"RobustBench {spec.display}")
-    file = out / "models" / dataset / threat_model / f"{model_id}.pt"
-    atomic_save(state, file)
+    file = out / "models" / dataset / threat_model / f"{model_id}.{fmt}"
+    (atomic_save if fmt == "pt" else write_safetensors)(state, file)
     from gklcli.checkpoint import sha256_file
 
     report: dict[str, Any] = {"checkpoint": str(file), "sha256": sha256_file(file)}
     source = loaded.module.to(device).eval()
     probe = data[0][: min(len(data[0]), 32)] if data is not None else torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for name, model in (("class", rb_model), ("load_model", _register_and_load(model_id, spec, loaded.num_classes, dataset, out / "models"))):
+    # RobustBench's load_model reads only .pt files; a .safetensors file is read back into RobustBench's class instead
+    reread = (("load_model", _register_and_load(model_id, spec, loaded.num_classes, dataset, out / "models")) if fmt == "pt"
+              else ("file", _load_safetensors_into(spec, loaded.num_classes, dataset, file)))
+    for name, model in (("class", rb_model), reread):
         diff, scale = _max_logit_diff(source, model.to(device), probe.to(device))
         if diff > 1e-4 * scale:
             raise GKLError(f"verification: RobustBench's {spec.display} ({name}) gives logits {diff:.3g} away from the source model")
@@ -281,10 +307,28 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
         report["clean_acc_recomputed"] = acc
     info = model_info(results=results, dataset=dataset, architecture=spec.display, eps=results["eps"] if results else "8/255", **meta)
     atomic_write_text(out / "model_info" / dataset / threat_model / f"{model_id}.json", json.dumps(info, indent=2))
-    atomic_write_text(out / "zoo_entry.py", zoo_entry(model_id, spec, loaded.num_classes, dataset))
+    atomic_write_text(out / "zoo_entry.py", zoo_entry(model_id, spec, loaded.num_classes, dataset, file.name))
     atomic_write_text(out / "SUBMISSION.md", submission_text(model_id, info, results, report["sha256"]))
     report["model_info"] = info
     return report
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """A gkl eval-aa results.json, with every key the exports read."""
+    from gklcli.checkpoint import read_json
+
+    results = read_json(path, "--results")
+    missing = [k for k in RESULT_KEYS if k not in results] if isinstance(results, dict) else ["all"]
+    if missing:
+        raise GKLError(f"--results {path}: not a gkl eval-aa results.json (missing {', '.join(missing)})")
+    return results
+
+
+def check_results_model(results: dict[str, Any], path: Optional[Path], sha256s: tuple[Optional[str], ...]) -> None:
+    """Refuse results measured on other weights than `sha256s` (results without a model_sha256 pass)."""
+    found = results.get("model_sha256")
+    if found is not None and found not in sha256s:
+        raise GKLError(f"{path}: these results are for another checkpoint (sha256 {str(found)[:12]}… ≠ {str(sha256s[0])[:12]}…)")
 
 
 def read_results(path: str | Path, loaded: LoadedModel, dataset: str, data_dir: Optional[str], n_ex: Optional[int],
@@ -292,13 +336,9 @@ def read_results(path: str | Path, loaded: LoadedModel, dataset: str, data_dir: 
     """`--results`: a gkl eval-aa results.json, checked, and the images to recompute its clean accuracy on.
 
     The images are None (with a `note`) when they cannot be loaded here; `export` then skips that check."""
-    from gklcli.checkpoint import read_json
     from gklcli.evaluate import load_eval_data
 
-    results = read_json(path, "--results")
-    missing = [k for k in RESULT_KEYS if k not in results] if isinstance(results, dict) else ["all"]
-    if missing:
-        raise GKLError(f"--results {path}: not a gkl eval-aa results.json (missing {', '.join(missing)})")
+    results = load_results(path)
     if n_ex is not None and n_ex > results["n_ex"]:
         raise GKLError(f"--n-ex {n_ex}: the results cover only {results['n_ex']} images")
     try:

@@ -35,6 +35,7 @@ from gklcli.data import long_tailed, to_float, train_view
 from gklcli.errors import GKLError
 from gklcli.losses import LossTerm, get_loss
 from gklcli.distributed import DistEnv, all_reduce_sum
+from gklcli.hub import download_weights, is_hub_spec
 from gklcli.models import create_model, get_spec
 from gklcli.models.timm_models import is_timm, load_weights
 from gklcli.sampling import sample_seed, seeded_rngs
@@ -57,9 +58,12 @@ TIMM_HINT = ("a timm model's file from the Hugging Face hub: huggingface-cli dow
 def resolve_teacher_path(checkpoint: Optional[str], data_dir: Optional[str], key: str = "teacher.checkpoint",
                          arch: Optional[str] = None) -> Path:
     """The teacher file (or another weight file named by `key`): absolute, relative to the current
-    directory, to the data root, or to the data root's parent."""
+    directory, to the data root, or to the data root's parent; or a Hub model hf://OWNER/NAME[@REVISION][/PATH],
+    from the Hugging Face cache (downloaded on first use)."""
     if not checkpoint:
         raise GKLError(f"{key}: distillation needs the teacher's weights (--set {key}=FILE)")
+    if is_hub_spec(checkpoint):
+        return download_weights(checkpoint)
     candidates = [Path(checkpoint)]
     if data_dir and not Path(checkpoint).is_absolute():
         candidates += [Path(data_dir) / checkpoint, Path(data_dir).parent / checkpoint]
@@ -78,12 +82,13 @@ def resolve_teacher_path(checkpoint: Optional[str], data_dir: Optional[str], key
 
 def load_teacher(recipe: Any, num_classes: int, device: torch.device, data_dir: Optional[str]) -> nn.Module:
     """The frozen teacher in eval mode, weights loaded strictly, no gradients. A timm teacher (timm/NAME)
-    reads timm's own files (model.safetensors, pytorch_model.bin) or a gkl checkpoint of that architecture."""
+    reads timm's own files (model.safetensors, pytorch_model.bin) or a gkl checkpoint of that architecture; any
+    other teacher is any file `load_model_file` reads (.pt, .safetensors, a `gkl export-hub` folder on the Hub)."""
     from gklcli.loading import load_model_file
 
     arch = recipe.teacher.arch
     path = resolve_teacher_path(recipe.teacher.checkpoint, data_dir, arch=arch)
-    if is_timm(arch) or path.suffix == ".safetensors":
+    if is_timm(arch):
         teacher = create_model(arch, num_classes)
         load_weights(teacher, path, get_spec(arch).name)
         teacher = teacher.to(device).eval()
