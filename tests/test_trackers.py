@@ -177,3 +177,17 @@ def test_mlflow_store_location(tmp_path, monkeypatch):
 def test_the_old_tensorboard_switch_still_turns_tensorboard_off(tmp_path):
     train_at(tiny("schedule.epochs=1", "output.tensorboard=false"), out_dir=tmp_path, **CPU)
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "trackers.json").exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_file(tmp_path, capsys, monkeypatch):
+    import wandb
+
+    def refuse(**_):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore detail")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    sets = sum((["--set", s] for s in [*TINY_OVERRIDES, "output.tracker=[mlflow,wandb]"]), [])
+    code, _, stderr = run_cli(capsys, "train-at", "quickstart", "--out", tmp_path / "o", "--device", "cpu", *sets)
+    assert code == 2 and "wandb could not start a run (No API key configured" in stderr and "WANDB_MODE=offline" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.is_file()]  # no recipe.yaml, trackers.json, lock

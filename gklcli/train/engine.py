@@ -307,8 +307,8 @@ class Engine:
                 self._load(self.out_dir / "last.pt")
                 if self.finished:
                     return self._finished_results()
+            self.log.start(self.recipe.to_dict())  # before recipe.yaml: a tracker that cannot start leaves no run file
             self._write_recipe()
-            self.log.start(self.recipe.to_dict())
             handlers = install_signal_handlers(self._request_stop)
             try:
                 return self._loop(interrupt_after_steps)
