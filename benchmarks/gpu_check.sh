@@ -14,13 +14,14 @@
 #
 #   part        budget  what
 #   env           20 s  interpreter, torch/CUDA/cuDNN versions, GPU name and memory, nvidia-smi
-#   tests        100 s  GKL_TEST_DEVICE=cuda pytest -m device: the device-sensitive part of the suite on the GPU
+#   tests         85 s  GKL_TEST_DEVICE=cuda pytest -m device: the device-sensitive part of the suite on the GPU
 #   losses        25 s  benchmarks/bench_losses.py --device cuda: kl_div vs gkl_loss vs naive, time and peak memory
 #   at_fp32       45 s  bench_train_step.py WRN-34-10, C=100, batch 128, fp32: GKL-AT, TRADES, official-style anchor
 #   at_bf16_cl    35 s  the same in bf16 autocast + channels_last: GKL-AT and the (fp32) official-style anchor
 #   kd            45 s  bench_distill_step.py ResNet-34 → ResNet-18, 1000 classes, 224², batch 256: GKL-KD vs KD
 #   clip          40 s  bench_clip_step.py OpenCLIP ViT-L/14 → ViT-B/16, 224², batch 128, bf16: GKL-KD vs KL-KD vs no KD
-#   eval          90 s  bench_eval.py: gkl eval-aa vs pyautoattack called directly, AutoAttack standard, 1,000 images
+#   seg           35 s  bench_seg_step.py PSPNet-R101 → PSPNet-R18, 473², batch 8, 150 classes: APD+GKL vs APD (KL), peak memory
+#   eval          70 s  bench_eval.py: gkl eval-aa vs pyautoattack called directly, AutoAttack standard, 1,000 images
 #   at_compile    50 s  bf16 + channels_last + torch.compile, GKL-AT only (compilation dominates: last on purpose)
 #                ----
 #                450 s  + environment detection and the report: under 8 minutes. A global deadline
@@ -204,9 +205,10 @@ if ((DRY)); then
   AT=(--device cpu --arch resnet8 --num-classes 10 --batch 32 --size 8 --rounds 1 --warmup 0)
   KD=(--device cpu --teacher resnet8 --student resnet8 --classes 10 --size 8 --batch 16 --rounds 1 --warmup 0)
   CLIP=(--device cpu --batch 16 --rounds 1 --warmup 0)
+  SEG=(--device cpu --student pspnet-tiny --teacher pspnet-tiny --size 33 --batch 2 --classes 8 --rounds 1 --warmup 0)
   EVAL=(--device cpu --n 1 --batch-size 1 --rounds 1 --no-shards --version custom --attacks apgd-ce)
   # compile: inductor's C++ build takes longer than 20 s on a small CPU; the smoke run then shows the timeout path
-  B_TESTS=60 B_LOSSES=25 B_AT32=45 B_AT16=45 B_KD=45 B_CLIP=30 B_EVAL=60 B_COMPILE=20 DEADLINE=${GKL_GPU_CHECK_DEADLINE:-205}
+  B_TESTS=60 B_LOSSES=25 B_AT32=45 B_AT16=45 B_KD=45 B_CLIP=30 B_SEG=20 B_EVAL=60 B_COMPILE=20 DEADLINE=${GKL_GPU_CHECK_DEADLINE:-205}
   # three device-aware tests (the selection, the fixture, the report's test counts), not the whole part
   TEST_SELECT=(-m device -k "test_gkl_loss_and_class_prior_on_the_test_device or hand_computation or prior_is_fed")
 else
@@ -216,8 +218,9 @@ else
   AT=(--device cuda --arch wrn-34-10 --num-classes 100 --batch 128 --rounds 8 --warmup 2)
   KD=(--device cuda --teacher resnet34 --student resnet18 --classes 1000 --size 224 --batch 256 --rounds 10 --warmup 3)
   CLIP=(--device cuda --student ViT-B-16 --teacher ViT-L-14 --size 224 --batch 128 --amp bf16 --rounds 8 --warmup 2)
+  SEG=(--device cuda --size 473 --batch 8 --classes 150 --rounds 6 --warmup 2)
   EVAL=(--device cuda --n 1000 --batch-size 500 --rounds 1 --no-shards)
-  B_TESTS=100 B_LOSSES=25 B_AT32=45 B_AT16=35 B_KD=45 B_CLIP=40 B_EVAL=90 B_COMPILE=50 # the budget table at the top
+  B_TESTS=85 B_LOSSES=25 B_AT32=45 B_AT16=35 B_KD=45 B_CLIP=40 B_SEG=35 B_EVAL=70 B_COMPILE=50 # the budget table at the top
   TEST_SELECT=(-m device)
 fi
 log "mode $MODE, python $PY, output $OUT, deadline ${DEADLINE}s"
@@ -231,6 +234,7 @@ run_part at_bf16_cl "$B_AT16" "$PY" benchmarks/bench_train_step.py "${AT[@]}" --
   --json "$PARTS/at_bf16_cl.json"
 run_part kd "$B_KD" "$PY" benchmarks/bench_distill_step.py "${KD[@]}" --json "$PARTS/kd.json"
 run_part clip "$B_CLIP" "$PY" benchmarks/bench_clip_step.py "${CLIP[@]}" --json "$PARTS/clip.json"
+run_part seg "$B_SEG" "$PY" benchmarks/bench_seg_step.py "${SEG[@]}" --json "$PARTS/seg.json"
 run_part eval "$B_EVAL" "$PY" benchmarks/bench_eval.py "${EVAL[@]}" --json "$PARTS/eval.json"
 run_part at_compile "$B_COMPILE" "$PY" benchmarks/bench_train_step.py "${AT[@]}" --amp bf16 --channels-last --compile \
   --steps gkl --json "$PARTS/at_compile.json"
@@ -246,7 +250,7 @@ out, root, mode, seconds, deadline, python = Path(sys.argv[1]), Path(sys.argv[2]
 parts_dir = out / "parts"
 TITLES = {"env": "environment", "tests": "test suite (device-aware part, GKL_TEST_DEVICE)", "losses": "loss benchmark",
           "at_fp32": "AT step, fp32 (+ TRADES, official-style anchor)", "at_bf16_cl": "AT step, bf16 + channels_last",
-          "kd": "KD step", "clip": "CLIP distillation step", "eval": "gkl eval-aa vs pyautoattack direct", "at_compile": "AT step, bf16 + channels_last + torch.compile"}
+          "kd": "KD step", "clip": "CLIP distillation step", "seg": "segmentation distillation step", "eval": "gkl eval-aa vs pyautoattack direct", "at_compile": "AT step, bf16 + channels_last + torch.compile"}
 
 
 def tail(path, n=15):
@@ -382,6 +386,13 @@ if rows("clip"):
     md += [f"## CLIP distillation step (`bench_clip_step.py`): {a.get('teacher')} → {a.get('student')}, {a.get('size')}², "
            f"batch {a.get('batch')}, amp {a.get('amp')}", "", "| step | s/iter | img/s | × KL-KD |", "|---|---:|---:|---:|"]
     md += [f"| {r['step']} | {fmt(r['s_per_iter'], '.4f')} | {fmt(r['img_s'], '.1f')} | {fmt(r['ratio_to_kl_kd'], '.3f')} |" for r in rows("clip")]
+    md.append("")
+if rows("seg"):
+    a = by_name["seg"]["result"].get("args", {})
+    md += [f"## Segmentation distillation step (`bench_seg_step.py`): {a.get('teacher')} → {a.get('student')}, {a.get('size')}², "
+           f"batch {a.get('batch')}, {a.get('classes')} classes", "", "| step | s/iter | img/s | × APD (KL) | peak GiB |", "|---|---:|---:|---:|---:|"]
+    md += [f"| {r['step']} | {fmt(r['s_per_iter'], '.4f')} | {fmt(r['img_s'], '.2f')} | {fmt(r['ratio_to_apd'], '.3f')} | "
+           f"{fmt(r['peak_bytes'] / 2**30 if r.get('peak_bytes') else None, '.1f')} |" for r in rows("seg")]
     md.append("")
 if rows("eval"):
     a = by_name["eval"]["result"].get("args", {})

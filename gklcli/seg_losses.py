@@ -12,7 +12,8 @@ tool/train.py), written from its paper and code, and the pixel-wise KL they star
   logits, `pixels`) and the registry's GKL (kind "seg") runs on them — its memory-efficient wMSE
   (Algorithm 2: O(pixels·C), never pixels×C×C). Class-wise weights (the paper's GI) come from the prior of
   the teacher's per-class mean prediction over the labelled pixels of the previous epoch (uniform during the
-  first); an ignored pixel has no class, so it takes the row of the teacher's predicted class. The same
+  first; the mean is taken over the teacher's own 1/8-resolution output pixels, the mask downsampled by nearest);
+  an ignored pixel has no class, so it takes the row of the teacher's predicted class. The same
   `seg.kd_reduction` divides the result by C, so that only the loss changes, not the weight that APD tuned.
 * **Prototype terms** (APD's `CriterionKmeansInterWhole`, on the 512-channel PPM features through 1×1
   adapters): per class present in the batch (mask downsampled by nearest to the feature size), the mean
@@ -56,14 +57,14 @@ def reduce_classes(value: Tensor, num_classes: int, reduction: str) -> Tensor:
     return value / num_classes if reduction == "elements" else value
 
 
-def pixel_distillation(term: Any, student: Tensor, teacher: Tensor, labels: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+def pixel_distillation(term: Any, student: Tensor, teacher: Tensor, labels: Tensor, reduction: str) -> Tensor:
     """The pixel term of a registry loss (`LossTerm`, kind "seg") on 1/8-resolution logits: both upsampled to
-    the labels, every pixel a sample, ÷C for APD's element mean. Returns (term, teacher pixels, pixel labels)."""
+    the labels, every pixel a sample, ÷C for APD's element mean."""
     size = tuple(labels.shape[1:])
     s_px, t_px = pixels(upsample(student, size)), pixels(upsample(teacher, size))
     y_px = labels.reshape(-1)
     targets = weight_targets(y_px, t_px) if term.entry.needs_targets else None
-    return reduce_classes(term(s_px, t_px, targets).total, student.shape[1], reduction), t_px, y_px
+    return reduce_classes(term(s_px, t_px, targets).total, student.shape[1], reduction)
 
 
 def weight_targets(labels: Tensor, teacher: Tensor) -> Tensor:

@@ -53,11 +53,11 @@ def test_pixel_kl_is_apds_kldivloss_mean_times_its_weight():
     s, t, y = maps(0)
     for temperature in (1.0, 2.0):
         term = LossTerm("kd", "seg", settings(name="kd", temperature=temperature), 5)
-        ours, _, _ = pixel_distillation(term, s, t, y, "elements")
+        ours = pixel_distillation(term, s, t, y, "elements")
         up = lambda x: F.interpolate(x, y.shape[1:], mode="bilinear", align_corners=True)  # noqa: E731
         apd = torch.nn.KLDivLoss()(F.log_softmax(up(s) / temperature, 1), F.softmax(up(t) / temperature, 1)) * temperature**2
         assert torch.allclose(ours, 10.0 * apd, rtol=1e-5, atol=1e-7)
-        per_pixel, _, _ = pixel_distillation(term, s, t, y, "pixels")
+        per_pixel = pixel_distillation(term, s, t, y, "pixels")
         assert torch.allclose(per_pixel, ours * 5, rtol=1e-5)
 
 
@@ -86,19 +86,12 @@ def test_pixel_gkl_with_class_weights_equals_a_loop_over_pixels_with_its_gradien
     term = LossTerm("gkl", "seg", settings(), 5)
     prior = torch.softmax(torch.randn(5, 5, generator=torch.Generator().manual_seed(3)), 1)
     term.prior.prior = prior.clone()
-    ours, t_px, y_px = pixel_distillation(term, s, t, y, "elements")
+    ours = pixel_distillation(term, s, t, y, "elements")
     ref = naive_pixel_gkl(s, t, y, prior, 5.0, 10.0, 0.6, 5)
     assert torch.allclose(ours, ref, rtol=1e-4)
     g_ours, = torch.autograd.grad(ours, s)
     g_ref, = torch.autograd.grad(ref, s)
     assert torch.allclose(g_ours, g_ref, rtol=1e-3, atol=1e-6)
-    # the prior the step builds: the teacher's mean softmax per labelled class
-    valid = y_px != IGNORE
-    term.update(t_px[valid], y_px[valid])
-    term.end_epoch()
-    for k in range(5):
-        rows = F.softmax(t_px[valid][y_px[valid] == k], 1)
-        assert torch.allclose(term.prior.prior[k], rows.mean(0), atol=1e-6)
 
 
 def apd_prototypes(pred, soft, target, classes, temp):
@@ -171,7 +164,7 @@ def test_pixel_gkl_memory_is_linear_in_pixels():
         return wrapped
 
     with torch.autograd.graph.saved_tensors_hooks(lambda x: (largest.append(x.numel() * x.element_size()), x)[1], lambda x: x):
-        loss, _, _ = pixel_distillation(term, s, t, y, "elements")
+        loss = pixel_distillation(term, s, t, y, "elements")
     loss.backward()
     assert max(largest) < pixels_c_c / 100
 
@@ -371,9 +364,33 @@ def test_apd_gkl_trains_and_resumes_bit_exactly(tmp_path, ade, teacher_file):
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {"train_kd", "train_proto_kl", "train_proto_align", "train_teacher_ce", "val_miou"} <= set(records[-1])
     assert "kd_adapter.0.weight" in a["model"] and a["model_kwargs"] == {"adapter_dim": 8}
-    # the prior is the teacher's per-class mean over labelled pixels: rows sum to 1, no longer uniform
+    # the prior is the teacher's per-class mean softmax over its labelled output pixels (the mask by nearest)
     prior = step_a["term"]["prior"]["prior"]
     assert torch.allclose(prior.sum(1), torch.ones(6)) and not torch.allclose(prior, torch.full_like(prior, 1 / 6))
+
+
+def test_the_class_prior_is_the_teachers_mean_prediction_per_labelled_class():
+    from gklcli.seg_losses import nearest_labels, pixels
+    from gklcli.train.seg import SegStep
+
+    g = torch.Generator().manual_seed(9)
+    teacher = SimpleNamespace(logits=torch.randn(2, 4, 5, 5, generator=g), features=None)
+    out = SimpleNamespace(logits=torch.randn(2, 4, 5, 5, generator=g, requires_grad=True), adapted=None)
+    labels = torch.randint(0, 4, (2, 33, 33), generator=g)
+    labels[:, :8] = IGNORE
+    step = SegStep.__new__(SegStep)
+    step.ctx = SimpleNamespace(num_classes=4)
+    step.seg = SimpleNamespace(kd_reduction="elements")
+    step.term = LossTerm("gkl", "seg", settings(), 4)
+    step.teacher_adapter = None
+    step._distill(out, teacher, labels, {})
+    step.term.end_epoch()
+    small = nearest_labels(labels, (5, 5)).reshape(-1)
+    probs = F.softmax(pixels(teacher.logits), 1)
+    for k in range(4):
+        rows = probs[small == k]
+        expected = rows.mean(0) if len(rows) else torch.full((4,), 0.25)
+        assert torch.allclose(step.term.prior.prior[k], expected, atol=1e-6)
 
 
 def test_the_student_learns_the_scenes(tmp_path, ade):

@@ -37,7 +37,7 @@ from gklcli.recipes import Recipe
 from gklcli.sampling import EpochBatchSampler
 from gklcli.seg_data import IGNORE, SegTrainView, eval_batches, open_split
 from gklcli.seg_eval import evaluate_segmentation
-from gklcli.seg_losses import pixel_distillation, prototype_terms, upsample
+from gklcli.seg_losses import nearest_labels, pixel_distillation, pixels, prototype_terms, upsample
 from gklcli.train.build import wrap_model
 from gklcli.train.engine import Context, StepResult
 from gklcli.train.kd import resolve_teacher_path
@@ -203,10 +203,12 @@ class SegStep:
     def _distill(self, out: Any, teacher: Any, labels: Tensor, metrics: dict[str, Any]) -> Tensor:
         """The pixel term (KL or GKL, pixels as samples) and APD's prototype terms."""
         c = self.ctx.num_classes
-        kd, t_px, y_px = pixel_distillation(self.term, out.logits.float(), teacher.logits, labels, self.seg.kd_reduction)
-        if self.term.prior is not None:  # the class prior: the teacher's mean prediction per labelled class
-            valid = y_px != IGNORE
-            self.term.update(t_px[valid], y_px[valid])
+        kd = pixel_distillation(self.term, out.logits.float(), teacher.logits, labels, self.seg.kd_reduction)
+        if self.term.prior is not None:  # the class prior: the teacher's mean prediction per labelled class, over
+            # its own output pixels (1/8 resolution, the mask by nearest): the same mean, 64× fewer rows than the crop
+            small = nearest_labels(labels, tuple(teacher.logits.shape[2:])).reshape(-1)
+            valid = small != IGNORE
+            self.term.update(pixels(teacher.logits)[valid], small[valid])
         metrics["kd"] = kd.detach()
         if self.teacher_adapter is None:
             return kd
