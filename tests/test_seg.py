@@ -413,3 +413,23 @@ def test_reproduce_table23_smoke_fills_every_cell(capsys, tmp_path):
     code, text, _ = run_cli(capsys, "reproduce", "table23", "--dry-run")
     flat = " ".join(text.split())
     assert code == 0 and "GPU-hours" in flat and "APD prototypes (KL ×10, align ×10)" in flat
+
+
+@pytest.mark.device
+def test_two_process_ddp_ranks_agree_on_student_teacher_adapter_and_prior(tmp_path, ade, teacher_file):
+    import os
+    import subprocess
+
+    from test_ddp import _torchrun
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent), "CUDA_VISIBLE_DEVICES": ""}
+    sets = _tiny(ade, f"teacher.checkpoint={teacher_file}", "data.batch_size=4", "schedule.epochs=2", "train.max_steps_per_epoch=2")
+    proc = subprocess.run([*_torchrun(2), str(Path(__file__).with_name("ddp_seg_worker.py")), str(tmp_path), *sets],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["world"] == 2
+    for part in ("model", "adapter"):
+        for key, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][key]), (part, key)
+    assert torch.equal(ranks[0]["prior"], ranks[1]["prior"])
