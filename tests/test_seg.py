@@ -20,6 +20,7 @@ from gklcli.recipes import RECIPES_DIR, load_recipe
 from gklcli.seg_data import IGNORE, check_labels, write_synthetic_ade20k
 from gklcli.seg_eval import confusion, predict, scores
 from gklcli.seg_losses import pixel_distillation, prototype_terms
+from test_fetch import server  # noqa: F401  (the fixture: files served from 127.0.0.1)
 from tests_helpers import run_cli
 
 ROWS = {name: RECIPES_DIR / "seg" / f"{name}.yaml" for name in
@@ -433,3 +434,23 @@ def test_two_process_ddp_ranks_agree_on_student_teacher_adapter_and_prior(tmp_pa
         for key, value in ranks[0][part].items():
             assert torch.equal(value, ranks[1][part][key]), (part, key)
     assert torch.equal(ranks[0]["prior"], ranks[1]["prior"])
+
+
+def test_fetch_teachers_seg_puts_apds_files_where_the_recipes_look(server, tmp_path, capsys):
+    import io
+
+    from gklcli.fetch import SEG_FILES
+    from gklcli.train.kd import resolve_teacher_path
+
+    url, files = server
+    for dest, source in SEG_FILES.items():
+        buffer = io.BytesIO()
+        torch.save({"state_dict": {"module.layer0.0.weight": torch.zeros(1)}} if "teachers" in dest else {"conv1.weight": torch.zeros(1)},
+                   buffer)
+        files.files["/" + source.split("/", 3)[3]] = buffer.getvalue()
+    code, _, err = run_cli(capsys, "fetch", "teachers", "seg", "--data-dir", tmp_path, "--mirror", url, "-q")
+    assert code == 0, err
+    for row in ROWS.values():
+        r = load_recipe(row)
+        assert resolve_teacher_path(r.model.pretrained, str(tmp_path)).is_file()
+        assert resolve_teacher_path(r.teacher.checkpoint, str(tmp_path)).is_file()
