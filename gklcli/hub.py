@@ -1,5 +1,5 @@
-"""`gkl export-hub` and `hf://` models: a Hugging Face Hub model folder, written, verified and (with --push)
-uploaded, and Hub models read back through the Hugging Face cache wherever gkl takes a weight file.
+"""`gkl export-hub`: a Hugging Face Hub model folder, written, verified and (with --push) uploaded; and
+`load_hub_model`, such a model back from the Hub in one call.
 
 The folder (built beside --out, verified, then renamed into place, so a failed export leaves nothing):
 
@@ -10,140 +10,39 @@ The folder (built beside --out, verified, then renamed into place, so a failed e
 * ``README.md`` — the model card: the Hub's YAML metadata (license, tags, datasets, ``model-index`` with the clean and
   AutoAttack accuracies of a ``gkl eval-aa`` results.json), the recipe, how it was evaluated, a usage example.
 
-A spec ``hf://OWNER/NAME[@REVISION][/PATH]`` names the repository's ``model.safetensors`` (or the file PATH) at
-REVISION (default main). ``huggingface_hub.snapshot_download`` resolves it into the Hugging Face cache together with
-the ``config.json`` beside it, so it works offline (``HF_HUB_OFFLINE=1``) once cached.
+Reading is `gklcli.hub_cache`'s: ``hf://OWNER/NAME[@REVISION][/PATH]`` specs through the Hugging Face cache and the
+config.json beside the weights, wherever gkl takes a weight file (`loading.load_model_file`, teachers).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import posixpath
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import yaml
 from torch import nn
 
 from gklcli import __version__
-from gklcli.checkpoint import atomic_write_text, read_json, sha256_file
+from gklcli.checkpoint import atomic_write_text, sha256_file
 from gklcli.datasets import DATASETS
 from gklcli.errors import GKLError, show
 from gklcli.export import check_results_model, load_results, plain_state, write_safetensors
+from gklcli.hub_cache import CONFIG, CONFIG_FORMAT, HUB_SCHEME, WEIGHTS, check_repo_id, hub_errors, is_hub_spec
 from gklcli.loading import LoadedModel, load_model_file
 
-HUB_SCHEME = "hf://"
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 CARD = "README.md"
-CONFIG_FORMAT = "gkl-hub-model"
 CONFIG_VERSION = 1
 TOLERANCE = 1e-6  # largest |logit difference| between the checkpoint's model and the reloaded folder (fp32, CPU)
 
-_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
-REPO_ID = re.compile(rf"{_PART}/{_PART}")
-REPO_ID_RULE = "OWNER/NAME: letters, digits, '-', '_' or '.', no '--' or '..', at most 96 characters"
-_SPEC = re.compile(rf"hf://(?:models/)?(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>refs/pr/\d+|[A-Za-z0-9_.\-]+))?"
-                   rf"(?:/(?P<path>[A-Za-z0-9_.\-]+(?:/[A-Za-z0-9_.\-]+)*))?")
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.\-]{0,63}")
 _DISPLAY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet-1k", "imagenet-lt": "ImageNet-LT",
             "digits": "scikit-learn digits"}
 _HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet-1k"}  # dataset ids on the Hub
-_HTTP_STACKS = {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub"}
-
-
-# --------------------------------------------------------------------------- names and specs
-
-
-def check_repo_id(value: str, what: str = "--repo-id") -> str:
-    """`value` if it is a repository id the Hub accepts (checked whole); else one line naming the rule."""
-    if not REPO_ID.fullmatch(value) or len(value) > 96 or "--" in value or ".." in value:
-        raise GKLError(f"{what} {show(value)}: must be a Hugging Face Hub repository id, {REPO_ID_RULE}")
-    return value
-
-
-@dataclass(frozen=True)
-class HubSpec:
-    """A parsed ``hf://OWNER/NAME[@REVISION][/PATH]``."""
-
-    repo_id: str
-    revision: Optional[str]
-    filename: str
-
-    def __str__(self) -> str:
-        at = f"@{self.revision}" if self.revision else ""
-        path = "" if self.filename == WEIGHTS else f"/{self.filename}"
-        return f"{HUB_SCHEME}{self.repo_id}{at}{path}"
-
-
-def is_hub_spec(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(HUB_SCHEME)
-
-
-def parse_hub_spec(text: str) -> HubSpec:
-    """The repository, revision and file of an hf:// spec, each checked; one line for a malformed one."""
-    match = _SPEC.fullmatch(text)
-    if match is None or ".." in (match.group("path") or "").split("/"):
-        raise GKLError(f"{show(text)}: not a Hub model; use hf://OWNER/NAME, hf://OWNER/NAME@REVISION or "
-                       "hf://OWNER/NAME[@REVISION]/PATH/IN/REPO.safetensors")
-    check_repo_id(match.group("repo"), f"{text}: repository")
-    return HubSpec(match.group("repo"), match.group("revision"), match.group("path") or WEIGHTS)
-
-
-def _from_http_stack(error: BaseException) -> bool:
-    """An exception of the HTTP libraries huggingface_hub uses (a refused connection, a timeout)."""
-    return any(cls.__module__.split(".")[0] in _HTTP_STACKS for cls in type(error).__mro__)
-
-
-@contextlib.contextmanager
-def hub_errors(what: str) -> Iterator[None]:
-    """huggingface_hub's failures (no such repository, revision or file, offline without a cached copy, an HTTP error,
-    no connection) as one line naming `what`; any other exception is a bug and keeps its traceback."""
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        yield
-    except RepositoryNotFoundError as error:
-        raise GKLError(f"{what}: no such repository on the Hub, or it is private or gated (set HF_TOKEN)") from error
-    except RevisionNotFoundError as error:
-        raise GKLError(f"{what}: no such revision in the repository") from error
-    except LocalEntryNotFoundError as error:
-        raise GKLError(f"{what}: not in the Hugging Face cache, and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no "
-                       "network); download it once online") from error
-    except HfHubHTTPError as error:
-        raise GKLError(f"{what}: the Hub refused ({_first_line(error)})") from error
-    except Exception as error:  # only the HTTP stack's own errors (and OSError) become one line
-        if isinstance(error, OSError) or _from_http_stack(error):
-            raise GKLError(f"{what}: the Hub cannot be reached or the call failed ({type(error).__name__}: "
-                           f"{_first_line(error)})") from error
-        raise
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-def download_weights(text: str) -> Path:
-    """The local file an hf:// spec names, from the Hugging Face cache (downloaded on first use), with the
-    repository's config.json beside it when there is one (one revision for both: one snapshot)."""
-    from huggingface_hub import snapshot_download
-
-    spec = parse_hub_spec(text)
-    config = posixpath.join(posixpath.dirname(spec.filename), CONFIG)
-    with hub_errors(str(spec)):
-        folder = snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=[spec.filename, config])
-    weights = Path(folder) / spec.filename
-    if not weights.is_file():
-        raise GKLError(f"{spec}: the repository has no {spec.filename} at revision {spec.revision or 'main'} "
-                       "(or the cached snapshot lacks it and the Hub cannot be reached)")
-    return weights
 
 
 def load_hub_model(repo: str, *, revision: Optional[str] = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -155,23 +54,6 @@ def load_hub_model(repo: str, *, revision: Optional[str] = None, device: str | t
 
 
 # --------------------------------------------------------------------------- config.json
-
-
-def read_model_config(path: Path) -> Optional[dict[str, Any]]:
-    """gkl's config.json beside a safetensors file, checked key by key; None when there is none or it is
-    another library's (timm's, transformers')."""
-    if not path.is_file():
-        return None
-    config = read_json(path, "config.json")
-    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
-        return None
-    kinds = {"arch": str, "num_classes": int, "image_size": int, "dataset": (str, type(None)), "recipe": (dict, type(None))}
-    for key, kind in kinds.items():
-        value = config.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-            raise GKLError(f"{path}: {key} is {show(value)}; a gkl config.json records it as "
-                           f"{'a positive integer' if kind is int else 'a string' if kind is str else 'a mapping or null'}")
-    return config
 
 
 def model_config(loaded: LoadedModel, results: Optional[dict[str, Any]], dataset: Optional[str]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Loading the models users bring: gkl checkpoints, RobustBench-format files, plain state dicts,
 mdistiller-style ``{"model": state_dict}`` files, ``.safetensors`` state dicts (with the config.json of
-`gkl export-hub` beside them, or ``--arch``), Hub models ``hf://OWNER/NAME`` (`gklcli.hub`), and
+`gkl export-hub` beside them, or ``--arch``), Hub models ``hf://OWNER/NAME`` (`gklcli.hub_cache`), and
 RobustBench model-zoo entries (offline).
 
 Every .pt file is read with ``torch.load(weights_only=True)``; safetensors files hold tensors only.
@@ -21,6 +21,7 @@ from gklcli.datasets import facts
 from gklcli.errors import GKLError
 from gklcli.models import create_model, get_spec
 from gklcli.checkpoint import FORMAT, load_file, sha256_file
+from gklcli.hub_cache import download_weights, is_hub_spec, read_model_config
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _HEADS = ("fc.weight", "logits.weight", "linear.weight", "classifier.weight", "classifier.1.weight", "head.weight")
@@ -138,7 +139,6 @@ def _plain(path: Path, state: dict[str, Tensor], arch: Optional[str], num_classe
 def _safetensors_file(path: Path, arch: Optional[str], num_classes: Optional[int]) -> _Found:
     """A .safetensors state dict (safe by construction); what it is from gkl's config.json beside it (`gkl
     export-hub`), else from --arch. The normalisation is always the architecture's, whatever config.json says."""
-    from gklcli.hub import read_model_config
     from gklcli.models.timm_models import read_state_dict
 
     state = strip_prefixes(read_state_dict(path))
@@ -155,8 +155,6 @@ def load_model_file(
     """Load any supported weight file into its registry architecture, in eval mode: a gkl checkpoint, a RobustBench,
     mdistiller or plain state dict (.pt), a .safetensors state dict, or a Hub model hf://OWNER/NAME[@REVISION][/PATH]
     (through the Hugging Face cache)."""
-    from gklcli.hub import download_weights, is_hub_spec
-
     spec = str(path) if is_hub_spec(path) else None
     path = download_weights(spec) if spec else Path(path)
     if path.suffix == ".safetensors":

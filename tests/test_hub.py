@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +230,25 @@ def test_foreign_results_and_an_occupied_folder_are_refused(source, tmp_path, ca
     assert code == 2 and "not empty" in err and (tmp_path / "b" / "keep.txt").read_text() == "mine"
     code, _, err = run_cli(capsys, "export-hub", source / "last.pt", "--repo-id", REPO, "--out", tmp_path / "c", "--license", "MIT!")
     assert code == 2 and "--license 'MIT!'" in err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("hf://o/n", ("o/n", None, "model.safetensors")),
+    ("hf://models/o/n@v1.0", ("o/n", "v1.0", "model.safetensors")),
+    ("hf://o/n@refs/pr/3/sub/w.safetensors", ("o/n", "refs/pr/3", "sub/w.safetensors")),
+    ("hf://o/n/sub/w.pt", ("o/n", None, "sub/w.pt")),
+])
+def test_hub_specs_parse(text, expected):
+    from gklcli.hub_cache import parse_hub_spec
+
+    spec = parse_hub_spec(text)
+    assert (spec.repo_id, spec.revision, spec.filename) == expected
+
+
+@pytest.mark.parametrize("text", ["hf://o", "hf://o/n/", "hf://o/n/../x.safetensors", "hf://o/n@", "hf://o/n@a b", "hf://o/n/*.bin"])
+def test_malformed_hub_specs_are_one_line(text):
+    from gklcli.errors import GKLError
+    from gklcli.hub_cache import parse_hub_spec
+
+    with pytest.raises(GKLError, match="not a Hub model; use hf://OWNER/NAME"):
+        parse_hub_spec(text)

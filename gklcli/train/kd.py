@@ -35,7 +35,7 @@ from gklcli.data import long_tailed, to_float, train_view
 from gklcli.errors import GKLError
 from gklcli.losses import LossTerm, get_loss
 from gklcli.distributed import DistEnv, all_reduce_sum
-from gklcli.hub import download_weights, is_hub_spec
+from gklcli.hub_cache import download_weights, is_hub_spec
 from gklcli.models import create_model, get_spec
 from gklcli.models.timm_models import is_timm, load_weights
 from gklcli.sampling import sample_seed, seeded_rngs
