@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from gklcli.cli import app, err, out
 
-MODEL_HELP = "A gkl checkpoint, a .pt/.safetensors state dict (with --arch) or a Hub model hf://OWNER/NAME[@REVISION]."
+MODEL_HELP = "A gkl checkpoint, a .pt/.safetensors state dict (with --arch) or a Hub model hf://OWNER/NAME or hf://OWNER/NAME@REVISION."
 ARCH_OPT = typer.Option(None, "--arch", help="Architecture for files that do not record it (see gkl models).")
 CLASSES_OPT = typer.Option(None, "--num-classes", help="Class count when it cannot be read from the weights.")
 
