@@ -16,7 +16,7 @@ from typing import Any, Optional
 from gklcli import checkpoint as ckpt
 from gklcli.errors import GKLError, show
 from gklcli.recipe_files import read_yaml
-from gklcli.train.resume import _flatten as flatten
+from gklcli.train.resume import flatten
 
 CURVE_PREFIXES = ("val_", "test_")  # per-epoch evaluations: accuracies (clean, top-1) and robust accuracies (PGD)
 FINAL_KEYS = ("s_iter", "img_s")  # besides the train_/val_/test_ metrics of the last epoch

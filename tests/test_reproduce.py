@@ -18,7 +18,7 @@ from gklcli.reproduce import (
 )
 from gklcli.tables import expand, load_table, parse_table, table_names, validate_table
 
-UNSUPPORTED = {"table8", "table23"}  # table7: CLIP distillation (issue 16)
+UNSUPPORTED = {"table8"}  # table7: CLIP distillation (issue 16); table23: segmentation distillation (issue 18)
 
 
 # ------------------------------------------------------------------------------------------ registry

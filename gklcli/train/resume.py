@@ -15,11 +15,11 @@ from gklcli.errors import GKLError
 from gklcli.recipes import RESUME_SAFE, order_settings
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -46,7 +46,7 @@ def read_training_checkpoint(path: Path) -> dict[str, Any]:
 
 def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ, ignoring settings that are safe to change on resume."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     keys = sorted(set(a) | set(b))
     # with per-epoch test evaluations the best so far depends on the test images evaluated
     unsafe = {"eval.n_test"} if b.get("eval.test_every_epochs") else set()
@@ -59,7 +59,7 @@ def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any], 
     when the recipe differs beyond RESUME_SAFE, or when the number of processes changes mid-epoch."""
     diffs = recipe_differences(saved["recipe"], current)
     if diffs:
-        shown = ", ".join(f"{k} ({_flatten(saved['recipe']).get(k)!r} → {_flatten(current).get(k)!r})" for k in diffs[:3])
+        shown = ", ".join(f"{k} ({flatten(saved['recipe']).get(k)!r} → {flatten(current).get(k)!r})" for k in diffs[:3])
         raise GKLError(f"{path}: the recipe differs from the run being resumed: {shown}; use a new --out or --overwrite")
     ts = saved["train_state"]
     if ts["world_size"] != world_size and ts["batch"] != 0:

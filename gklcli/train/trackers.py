@@ -22,7 +22,7 @@ from typing import Any, Optional, Protocol
 
 from gklcli.errors import GKLError
 from gklcli.recipes import OutputCfg
-from gklcli.train.resume import _flatten as flatten
+from gklcli.train.resume import flatten
 
 STATE_FILE = "trackers.json"
 # the folders trackers write inside a run folder by default; --overwrite removes them with the run
