@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gklcli import __version__
+from gklcli.cli_export import COMMANDS as EXPORT_COMMANDS
 from gklcli.errors import GKLError, show
 
 app = typer.Typer(
@@ -227,16 +228,14 @@ def distill_cmd(
     CLIP models (kind clip-kd, OpenCLIP) or segmentation models (kind seg-kd, APD); torchrun for DDP."""
     if teacher_only:
         from gklcli.recipes import load_recipe, resolve_recipe_path
-        from gklcli.train.kd import teacher_report
+        from gklcli.train import teacher_reporter
 
         resolved = load_recipe(resolve_recipe_path(recipe), overrides)
         if resolved.kind == "clip-kd":
             raise GKLError(f"{recipe}: --teacher-only is for classification teachers; a CLIP teacher's number is its zero-shot "
                            f"accuracy: gkl eval-zeroshot {resolved.teacher.arch}:{resolved.teacher.checkpoint} --dataset imagenet "
                            f"--data-dir {data_dir or 'data'}")
-        if resolved.kind == "seg-kd":
-            from gklcli.train.seg import seg_teacher_report as teacher_report
-        report = teacher_report(resolved, data_dir=data_dir, device=device)
+        report = teacher_reporter(resolved.kind)(resolved, data_dir=data_dir, device=device)
         out.print_json(json.dumps(report))
         return
     _train_command("kd", recipe, overrides, output, data_dir, resume, overwrite, dry_run, seeds, quiet, device,
@@ -505,18 +504,21 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("check")
 def data_check_cmd(
-    dataset: str = typer.Argument(..., help="imagenet or imagenet-lt."),
+    dataset: str = typer.Argument(..., help="imagenet, imagenet-lt or ade20k."),
     data_dir: str = typer.Option("data", "--data-dir", help="Dataset root (default ./data)."),
 ) -> None:
-    """Verify an ImageNet / ImageNet-LT folder: layout, class count, image counts, list files."""
+    """Verify an ImageNet / ImageNet-LT folder (layout, class count, image counts, list files) or ADE20K (pairs,
+    every mask's values and size)."""
     from pathlib import Path
 
     from gklcli.fetch import check_imagenet
+    from gklcli.seg_data import check_ade20k
 
+    rows = check_ade20k(Path(data_dir)) if dataset == "ade20k" else check_imagenet(dataset, Path(data_dir))
     table = Table(title=f"{dataset} in {data_dir}", header_style="bold")
     for column in ("split", "images", "expected"):
         table.add_column(column)
-    for split, found, expected in check_imagenet(dataset, Path(data_dir)):
+    for split, found, expected in rows:
         table.add_row(split, f"{found:,}", f"{expected:,}")
     out.print(table)
     out.print(f"{dataset}: complete")
@@ -609,7 +611,8 @@ def compare_cmd(
     out.print(f"wrote {output}/compare.md, compare.json" + (", compare.png" if report["figure"] else ""))
 
 
-from gklcli import cli_export  # noqa: E402,F401 — registers export-robustbench and export-hub on `app`
+for _name, _command in EXPORT_COMMANDS.items():  # export-robustbench, export-hub (gklcli/cli_export.py)
+    app.command(_name)(_command)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,7 +1,8 @@
 """The publishing commands of the `gkl` command line: `gkl export-robustbench` and `gkl export-hub`.
 
-They live beside cli.py (which imports this module to register them on its app) to keep each module short;
-like every command they parse options and call the library (`gklcli.export`, `gklcli.hub`).
+They live beside cli.py, which registers `COMMANDS` on its app (this module imports nothing of cli.py, so
+the two form no circle), to keep each module short; like every command they parse options and call the
+library (`gklcli.export`, `gklcli.hub`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 
-from gklcli.cli import app, err, out
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = "A gkl checkpoint, a .pt/.safetensors state dict (with --arch) or a Hub model hf://OWNER/NAME or hf://OWNER/NAME@REVISION."
 ARCH_OPT = typer.Option(None, "--arch", help="Architecture for files that do not record it (see gkl models).")
 CLASSES_OPT = typer.Option(None, "--num-classes", help="Class count when it cannot be read from the weights.")
 
 
-@app.command("export-robustbench")
 def export_robustbench_cmd(
     ckpt: str = typer.Argument(..., help=MODEL_HELP),
     name: str = typer.Option(..., "--name", help="RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10."),
@@ -67,7 +69,6 @@ def export_robustbench_cmd(
         out.print("[yellow]no --results: clean_acc, reported and autoattack_acc are null; run gkl eval-aa and export again with --results[/yellow]")
 
 
-@app.command("export-hub")
 def export_hub_cmd(
     ckpt: str = typer.Argument(..., help=MODEL_HELP),
     repo_id: str = typer.Option(..., "--repo-id", help="The Hub repository, OWNER/NAME."),
@@ -91,3 +92,6 @@ def export_hub_cmd(
         out.print(f"pushed to https://huggingface.co/{repo_id}: {report['commit_url']}")
     else:
         out.print(f"load it: gkl eval-aa {out_dir}/model.safetensors, or after --push: gkl eval-aa hf://{repo_id}")
+
+
+COMMANDS = {"export-robustbench": export_robustbench_cmd, "export-hub": export_hub_cmd}

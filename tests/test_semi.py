@@ -353,7 +353,7 @@ def test_vit_small_is_usbs_shape_and_layer_decay_groups_are_usbs():
     model = create_model("gkl-tiny-vit", 10, drop_path=0.2)
     assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.2) and torch.count_nonzero(model.pos_embed) == 0
     opt = make_optimizer(model, SimpleNamespace(name="adamw", lr=5e-4, beta1=0.9, beta2=0.999, eps=1e-8,
-                                                weight_decay=5e-4, layer_decay=0.5))
+                                                weight_decay=5e-4, layer_decay=0.5, head_lr_scale=1.0))
     names = {id(p): n for n, p in model.named_parameters()}
     scale = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
     assert scale["head.weight"] == (1.0, 5e-4) and scale["head.bias"] == (1.0, 0.0)

@@ -21,7 +21,6 @@ it returns logits upsampled to the input size. Images come in [0, 1]; ImageNet n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -29,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from gklcli.errors import GKLError
 from gklcli.models.registry import IMAGENET_STATS, ModelSpec, normalize_input, register, register_input_norm
 
 BINS = (1, 2, 3, 6)
@@ -163,37 +161,3 @@ def backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         out[f"{STEM_KEYS[head]}.{rest}" if head in STEM_KEYS else key] = value
     return out
-
-
-def load_backbone(model: PSPNet, path: Path, what: str = "model.pretrained") -> None:
-    """APD's ImageNet initialisation of layer0–layer4: every backbone tensor must come from the file."""
-    from gklcli.checkpoint import load_file
-    from gklcli.loading import extract_state_dict, strip_prefixes
-
-    state = backbone_state(strip_prefixes(extract_state_dict(load_file(path), path)))
-    mine = {k: v for k, v in model.state_dict().items() if k.split(".")[0].startswith("layer")}
-    missing = [k for k in mine if k not in state]
-    wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
-    if missing or wrong:
-        detail = f"missing {', '.join(missing[:3])}" if missing else f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}"
-        raise GKLError(f"{what}: {path} is not a deep-stem ImageNet ResNet of this depth ({detail}); APD reads CSAIL's "
-                       f"{CSAIL_URL.format(name='resnet18')} (…resnet50/resnet101-imagenet.pth)")
-    model.load_state_dict({**model.state_dict(), **{k: state[k].to(mine[k].dtype) for k in mine}})
-
-
-def load_segmentation_weights(model: PSPNet, state: dict[str, Tensor], what: str) -> None:
-    """A whole PSPNet's weights (APD's release or a gkl run). A teacher file without the auxiliary head or
-    adapter loads too: a teacher uses neither."""
-    from gklcli.loading import strip_prefixes
-
-    state = strip_prefixes(state)
-    mine = model.state_dict()
-    optional = ("aux.", "kd_adapter.")
-    missing = [k for k in mine if k not in state and not k.startswith(optional)]
-    unexpected = [k for k in state if k not in mine and not k.startswith(optional)]
-    wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-                 f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}" if wrong else ""]
-        raise GKLError(f"{what}: the weights do not fit {type(model).__name__} ({'; '.join(p for p in parts if p)})")
-    model.load_state_dict({**mine, **{k: state[k].to(mine[k].dtype) for k in mine if k in state}})

@@ -159,7 +159,7 @@ def _train(job: Job, plan: Plan, *, device: Optional[str], console: Any, quiet: 
 
 
 def _teacher(job: Job, plan: Plan, device: Optional[str]) -> None:
-    from gklcli.train.kd import teacher_report
+    from gklcli.train import teacher_reporter
 
     if job.recipe.kind == "clip-kd":
         from gklcli.reproduce.zeroshot import teacher_report as clip_teacher_report
@@ -167,9 +167,7 @@ def _teacher(job: Job, plan: Plan, device: Optional[str]) -> None:
         clip_teacher_report(job, plan, device)
         return
 
-    if job.recipe.kind == "seg-kd":
-        from gklcli.train.seg import seg_teacher_report as teacher_report
-    report = teacher_report(job.recipe, data_dir=plan.data_dir, device=device)
+    report = teacher_reporter(job.recipe.kind)(job.recipe, data_dir=plan.data_dir, device=device)
     job.dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job.dir, json.dumps(report, indent=2) + "\n")
 

@@ -35,3 +35,14 @@ def trainer(kind: str) -> Callable[..., dict[str, Any]]:
     from gklcli.train.kd import train_distill
 
     return train_distill
+
+
+def teacher_reporter(kind: str) -> Callable[..., dict[str, Any]]:
+    """The `--teacher-only` report of a distillation kind: top-1 of a classifier (kd), mIoU of a segmenter (seg-kd)."""
+    if kind == "seg-kd":
+        from gklcli.train.seg import seg_teacher_report
+
+        return seg_teacher_report
+    from gklcli.train.kd import teacher_report
+
+    return teacher_report

@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gklcli.checkpoint import load_file
 from gklcli.distributed import DistEnv, is_distributed
 from gklcli.errors import GKLError
+from gklcli.loading import extract_state_dict, strip_prefixes
 from gklcli.losses import LossTerm, get_loss
 from gklcli.models import create_model, get_spec
-from gklcli.models.pspnet import CSAIL_URL, load_backbone, load_segmentation_weights
+from gklcli.models.pspnet import CSAIL_URL, backbone_state
 from gklcli.recipes import Recipe
 from gklcli.sampling import EpochBatchSampler
 from gklcli.seg_data import IGNORE, SegTrainView, eval_batches, open_split
@@ -120,6 +122,35 @@ def pretrained_path(recipe: Recipe, data_dir: Optional[str]) -> Path:
         raise GKLError(f"{str(error).split(';')[0]}{source}") from None
 
 
+def load_backbone(model: nn.Module, path: Path, what: str = "model.pretrained") -> None:
+    """APD's ImageNet initialisation of layer0–layer4: every backbone tensor must come from the file."""
+    state = backbone_state(strip_prefixes(extract_state_dict(load_file(path), path)))
+    mine = {k: v for k, v in model.state_dict().items() if k.split(".")[0].startswith("layer")}
+    missing = [k for k in mine if k not in state]
+    wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
+    if missing or wrong:
+        detail = f"missing {', '.join(missing[:3])}" if missing else f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}"
+        raise GKLError(f"{what}: {path} is not a deep-stem ImageNet ResNet of this depth ({detail}); APD reads CSAIL's "
+                       f"{CSAIL_URL.format(name='resnet18')} (…resnet50/resnet101-imagenet.pth)")
+    model.load_state_dict({**model.state_dict(), **{k: state[k].to(mine[k].dtype) for k in mine}})
+
+
+def load_segmentation_weights(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """A whole PSPNet's weights (APD's release or a gkl run). A teacher file without the auxiliary head or
+    adapter loads too: a teacher uses neither."""
+    state = strip_prefixes(state)
+    mine = model.state_dict()
+    optional = ("aux.", "kd_adapter.")
+    missing = [k for k in mine if k not in state and not k.startswith(optional)]
+    unexpected = [k for k in state if k not in mine and not k.startswith(optional)]
+    wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                 f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}" if wrong else ""]
+        raise GKLError(f"{what}: the weights do not fit {type(model).__name__} ({'; '.join(p for p in parts if p)})")
+    model.load_state_dict({**mine, **{k: state[k].to(mine[k].dtype) for k in mine if k in state}})
+
+
 def check_inputs(recipe: Recipe, data_dir: Optional[str], teacher_only: bool = False) -> None:
     """What a run reads before its first step: ADE20K's two splits, the backbone file, the teacher file."""
     from gklcli.seg_data import dataset_root
@@ -136,9 +167,6 @@ def check_inputs(recipe: Recipe, data_dir: Optional[str], teacher_only: bool = F
 
 def load_seg_teacher(recipe: Recipe, num_classes: int, device: torch.device, data_dir: Optional[str]) -> nn.Module:
     """The frozen PSPNet teacher: APD's release (`{'state_dict': {'module.…'}}`) or a gkl seg-kd checkpoint."""
-    from gklcli.checkpoint import load_file
-    from gklcli.loading import extract_state_dict
-
     path = resolve_teacher_path(recipe.teacher.checkpoint, data_dir)
     teacher = create_model(recipe.teacher.arch, num_classes)
     load_segmentation_weights(teacher, extract_state_dict(load_file(path), path), f"teacher.checkpoint {path}")
