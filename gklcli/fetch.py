@@ -273,7 +273,7 @@ def check_imagenet(name: str, data_dir: Path) -> list[tuple[str, int, int]]:
         splits = {split: ((lambda f=file: image_list(data_dir, f, 224, f"imagenet-lt {split}")), count) for split, file, count in (
             ("train", cfg.lt_train_list, expected.train), ("val", cfg.lt_val_list, LT_VAL), ("test", cfg.lt_test_list, expected.test))}
     else:
-        raise GKLError(f"data check {name}: use imagenet or imagenet-lt (CIFAR and digits are checked as they load)")
+        raise GKLError(f"data check {name}: use imagenet, imagenet-lt or ade20k (CIFAR and digits are checked as they load)")
     rows, problems = [], []
     for split, (load, count) in splits.items():
         source = load()

@@ -271,3 +271,33 @@ def write_synthetic_ade20k(root: Path, *, num_train: int, num_val: int, size: in
     staging.replace(final)
     return final
 
+
+
+def check_ade20k(root: Path, *, expected: Optional[dict[str, int]] = None) -> list[tuple[str, int, int]]:
+    """`gkl data check ade20k`: every split's (name, found, expected) pairs, after reading every mask (values,
+    size against its image's header) — the check a 2-day run would otherwise meet at its first bad file."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    cfg = SimpleNamespace(reduce_zero_label=True, train_list=None, val_list=None)
+    sizes = expected or ADE20K_SIZES
+    rows, problems = [], []
+    for split in ("train", "val"):
+        source = open_split(cfg, root, split, 150)
+        for image_path, mask_path in source.pairs:
+            with Image.open(image_path) as im:
+                size = im.size
+            with Image.open(mask_path) as im:
+                if im.size != size:
+                    raise GKLError(f"{mask_path}: mask {im.size[0]}×{im.size[1]} ≠ image {size[0]}×{size[1]} ({image_path.name})")
+                mask = np.asarray(im)
+            if mask.ndim != 2:
+                raise GKLError(f"{mask_path}: a mask must be a single-channel PNG of class indices, got shape {mask.shape}")
+            check_labels(torch.from_numpy(mask.astype(np.int64)), 150, True, mask_path)
+        rows.append((split, len(source), sizes[split]))
+        if len(source) != sizes[split]:
+            problems.append(f"{SPLITS[split]}: {len(source):,} pairs, expected {sizes[split]:,}")
+    if problems:
+        raise GKLError(f"{root}: not a complete ADE20K folder: " + "; ".join(problems))
+    return rows

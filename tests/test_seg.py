@@ -218,8 +218,8 @@ def test_sliding_windows_with_flip_equal_a_direct_forward(shape):
 
 def test_apd_release_and_csail_backbone_files_load(tmp_path):
     from gklcli.models import create_model
-    from gklcli.models.pspnet import STEM_KEYS, load_backbone
-    from gklcli.train.seg import load_seg_teacher
+    from gklcli.models.pspnet import STEM_KEYS
+    from gklcli.train.seg import load_backbone, load_seg_teacher
 
     donor = create_model("pspnet-tiny", 8)
     release = {"state_dict": {f"module.{k}": v for k, v in donor.state_dict().items() if not k.startswith("aux.")},
@@ -454,3 +454,19 @@ def test_fetch_teachers_seg_puts_apds_files_where_the_recipes_look(server, tmp_p
         r = load_recipe(row)
         assert resolve_teacher_path(r.model.pretrained, str(tmp_path)).is_file()
         assert resolve_teacher_path(r.teacher.checkpoint, str(tmp_path)).is_file()
+
+
+def test_data_check_ade20k_reads_every_mask(capsys, tmp_path, ade):
+    from gklcli.seg_data import check_ade20k
+
+    assert check_ade20k(ade, expected={"train": 8, "val": 3}) == [("train", 8, 8), ("val", 3, 3)]
+    code, _, err = run_cli(capsys, "data", "check", "ade20k", "--data-dir", ade)
+    assert code == 2 and "not a complete ADE20K folder: training: 8 pairs, expected 20,210" in " ".join(err.split())
+    bad = tmp_path / "bad"
+    write_synthetic_ade20k(bad, num_train=2, num_val=1, size=24, num_classes=6)
+    from PIL import Image
+
+    mask = sorted((bad / "ADEChallengeData2016" / "annotations" / "validation").iterdir())[0]
+    Image.fromarray(np.full((5, 5), 3, np.uint8)).save(mask)
+    code, _, err = run_cli(capsys, "data", "check", "ade20k", "--data-dir", bad)
+    assert code == 2 and f"{mask}: mask 5×5 ≠ image" in err and len(err.strip().splitlines()) == 1
