@@ -26,6 +26,7 @@ def run_results(recipe: Recipe, out_dir: Path, weights: str, selection: dict[str
     r = recipe
     return {
         "recipe": r.meta.name,
+        "kind": r.kind,
         "table": r.meta.table,
         "row": r.meta.row,
         "out_dir": str(out_dir),
@@ -102,7 +103,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if test_best:  # eval.test_every_epochs: the epoch with the best test value (mdistiller's protocol)
         cells = [f"{test_best[k]:.2f}" if isinstance(test_best.get(k), float) else "-" for k in keys]
         lines.append(f"| best test epoch | {test_best['epoch']} | " + " | ".join(cells) + " |")
-    lines += ["", "Accuracies in %. `best` is selected on the held-out validation split, never on the test set."]
+    if results.get("kind") == "seg-kd":  # ADE20K's test labels are not public: both come from its validation split
+        lines += ["", "mIoU and accuracies in %. `test_*`: ADE20K's validation split, as APD and the paper report it (its "
+                  "test labels are not public); `val_*` and the choice of `best`: its first eval.n_val images."]
+    else:
+        lines += ["", "Accuracies in %. `best` is selected on the held-out validation split, never on the test set."]
     if test_best:
         lines.append(f"`best test epoch` is the epoch with the highest {test_best['metric']} among the per-epoch test "
                      "evaluations (eval.test_every_epochs): mdistiller's protocol, which the paper's CIFAR-100 and ImageNet "
