@@ -244,6 +244,8 @@ def _check_seg(recipe: Recipe, require: Any) -> None:
     require(len(s.rotate_range) == 2 and s.rotate_range[0] <= s.rotate_range[1], "seg.rotate_range",
             f"must be [min, max] in degrees, got {s.rotate_range}")
     require(bool(s.eval_scales) and all(x > 0 for x in s.eval_scales), "seg.eval_scales", f"must be positive scales, got {s.eval_scales}")
+    require((s.crop_size - 1) % 8 == 0, "seg.crop_size", f"must be 8k + 1 (APD: 473), so that the 1/8-resolution logits upsampled with "
+            f"align_corners line up with the pixels; got {s.crop_size}")
     require(recipe.model.num_classes in (None, s.num_classes), "model.num_classes", f"must equal seg.num_classes ({s.num_classes})")
 
 

@@ -11,9 +11,10 @@ APD's training view (`util/transform.py` as its ADE20K config uses it), per imag
 colour, ignore), a 5×5 Gaussian blur with probability ½, a horizontal flip with probability ½, and a
 random 473×473 crop (padded centred with the mean colour / ignore when smaller). Every draw comes from a
 generator seeded by (seed, epoch, index), so batches are a function of the recipe and the position in
-training (bit-exact resume, any worker count). APD re-draws a *random other image* when a crop holds no
-labelled pixel; gkl re-draws the crop of the same image (up to 10 times), so the epoch's image order is
-the sampler's alone.
+training (bit-exact resume, any worker count). When a crop holds no labelled pixel gkl re-draws the crop
+of the same image (up to 10 times), then, as APD does at once, takes another image drawn from that seed.
+The resampling grids of the scale and the rotation are torchvision's, not OpenCV's (the same sizes and
+angles; the pixel centres differ by a fraction of a pixel).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLITS = {"train": "training", "val": "validation"}
 ADE20K_SIZES = {"train": 20_210, "val": 2_000}  # ADEChallengeData2016 (GPU-hour estimates)
 MEAN_RGB = (0.485, 0.456, 0.406)  # APD pads with the ImageNet mean colour (0 after normalisation)
-BLUR_SIGMA = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8  # cv2.GaussianBlur((5, 5), 0)'s σ
+# cv2.GaussianBlur(image, (5, 5), 0): with σ = 0 and a kernel of ≤ 7 taps OpenCV uses its fixed binomial table
+BLUR_TAPS = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 CROP_RETRIES = 10
+IMAGE_RETRIES = 20  # APD's dataset_fix reloads random other images until a crop holds a labelled pixel
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,15 @@ def _pad_to(image: Tensor, mask: Tensor, h: int, w: int) -> tuple[Tensor, Tensor
     return image, torch.nn.functional.pad(mask, box, value=IGNORE)
 
 
+def blur5(image: Tensor) -> Tensor:
+    """cv2.GaussianBlur(image, (5, 5), 0): the separable [1, 4, 6, 4, 1]/16 kernel with OpenCV's default
+    border (reflect-101, torch's 'reflect')."""
+    taps = torch.tensor(BLUR_TAPS, dtype=image.dtype)
+    x = torch.nn.functional.pad(image[None], (2, 2, 2, 2), mode="reflect")
+    x = torch.nn.functional.conv2d(x, taps.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+    return torch.nn.functional.conv2d(x, taps.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)[0]
+
+
 def train_view(image: Tensor, mask: Tensor, cfg: Any, g: torch.Generator) -> tuple[Tensor, Tensor]:
     """APD's training augmentation of one pair, every draw from `g` (see the module docstring)."""
     import torchvision.transforms.v2.functional as TF
@@ -169,7 +181,7 @@ def train_view(image: Tensor, mask: Tensor, cfg: Any, g: torch.Generator) -> tup
         image = TF.rotate(image, angle, IM.BILINEAR, fill=list(MEAN_RGB))
         mask = TF.rotate(mask[None], angle, IM.NEAREST, fill=[IGNORE])[0]
     if float(torch.rand((), generator=g)) < 0.5:
-        image = TF.gaussian_blur(image, [5, 5], [BLUR_SIGMA, BLUR_SIGMA])
+        image = blur5(image)
     if float(torch.rand((), generator=g)) < 0.5:
         image, mask = image.flip(-1), mask.flip(-1)
     crop = cfg.crop_size
@@ -193,10 +205,16 @@ class SegTrainView(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The crop of image `index`; when no crop of it holds a labelled pixel, that of another image drawn
+        from the same seed (APD's dataset_fix reloads a random image), so no crop is all ignore."""
         epoch, index = key[0], key[1]
-        image, mask = read_pair(self.source, index)
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        return train_view(image, mask, self.cfg, g)
+        for _ in range(IMAGE_RETRIES):
+            image, mask = train_view(*read_pair(self.source, index), self.cfg, g)
+            if bool((mask != IGNORE).any()):
+                break
+            index = int(torch.randint(len(self.source), (), generator=g))
+        return image, mask
 
 
 class SegEvalView(torch.utils.data.Dataset):

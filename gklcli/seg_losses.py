@@ -84,10 +84,12 @@ class Prototypes(NamedTuple):
     classes: int  # prototypes in the batch (0: the terms are 0)
 
 
-def class_means(features: Tensor, onehot: Tensor) -> Tensor:
-    """K×D: the L2-normalised mean of each class's pixel features (features N×D, onehot N×K)."""
+def class_means(features: Tensor, onehot: Tensor, normalize: bool) -> Tensor:
+    """K×D: the mean of each class's pixel features (features N×D, onehot N×K), L2-normalised when `normalize`
+    (APD: under kmeans_norm only)."""
     counts = onehot.sum(0).clamp_min(1.0)
-    return F.normalize((onehot.T @ features) / counts[:, None], dim=1)
+    means = (onehot.T @ features) / counts[:, None]
+    return F.normalize(means, dim=1) if normalize else means
 
 
 def prototype_terms(student: Tensor, teacher: Tensor, labels: Tensor, *, num_classes: int, temperature: float,
@@ -104,7 +106,7 @@ def prototype_terms(student: Tensor, teacher: Tensor, labels: Tensor, *, num_cla
         student, teacher = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
     s_px, t_px = pixels(student), pixels(teacher)
     onehot = (small[:, None] == present[None, :]).to(s_px.dtype)  # N×K, ignored pixels in no class
-    s_proto, t_proto = class_means(s_px, onehot), class_means(t_px, onehot)
+    s_proto, t_proto = class_means(s_px, onehot, normalize), class_means(t_px, onehot, normalize)
     s_sim = torch.einsum("bdhw,kd->bkhw", student, s_proto) * temperature
     t_sim = torch.einsum("bdhw,kd->bkhw", teacher, t_proto) * temperature
     # the student's similarity distribution learns the teacher's: KLDivLoss() mean over b·K·h·w elements

@@ -129,13 +129,13 @@ def test_prototype_terms_equal_apds_code_with_their_gradients():
     g = torch.Generator().manual_seed(4)
     student = torch.randn(2, 6, 5, 5, generator=g, requires_grad=True)
     teacher = torch.randn(2, 6, 5, 5, generator=g, requires_grad=True)  # through the teacher adapter: it has gradient
-    labels = torch.randint(0, 4, (2, 33, 33), generator=g)
+    labels = torch.tensor([1, 3, 5])[torch.randint(0, 3, (2, 33, 33), generator=g)]  # classes 1, 3, 5: not 0…K−1
     labels[0, :10] = IGNORE
     ours = prototype_terms(student, teacher, labels, num_classes=7, temperature=10.0)
     ref = apd_prototypes(student, teacher, labels, 7, 10.0)
     for a, b in zip((ours.student_kl, ours.teacher_ce, ours.align), ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert ours.classes == 4
+    assert ours.classes == 3
     for a, b in ((ours.student_kl + ours.align, ref[0] + ref[2]), (ours.teacher_ce, ref[1])):
         ga = torch.autograd.grad(a, (student, teacher), allow_unused=True)
         gb = torch.autograd.grad(b, (student, teacher), allow_unused=True)
@@ -155,15 +155,6 @@ def test_pixel_gkl_memory_is_linear_in_pixels():
     term = LossTerm("gkl", "seg", settings(weights="sample"), 150)
     pixels_c_c = 64 * 64 * 150 * 150 * 4
     largest = []
-
-    def spy(fn):
-        def wrapped(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            if isinstance(out, torch.Tensor):
-                largest.append(out.numel() * out.element_size())
-            return out
-        return wrapped
-
     with torch.autograd.graph.saved_tensors_hooks(lambda x: (largest.append(x.numel() * x.element_size()), x)[1], lambda x: x):
         loss = pixel_distillation(term, s, t, y, "elements")
     loss.backward()
@@ -213,6 +204,58 @@ def test_sliding_windows_with_flip_equal_a_direct_forward(shape):
     assert torch.equal(sliding, direct) and torch.equal(whole, direct)
 
 
+def apd_scale_process(model, image, classes, crop, stride_rate, mean):
+    """APD's tool/test.py `scale_process` + `net_process(flip=True)` on an H×W×3 array, as its code reads
+    (cv2's copyMakeBorder / resize replaced by numpy padding and torch's bilinear resize)."""
+    ori_h, ori_w, _ = image.shape
+    pad_h, pad_w = max(crop - ori_h, 0), max(crop - ori_w, 0)
+    ph, pw = int(pad_h / 2), int(pad_w / 2)
+    if pad_h > 0 or pad_w > 0:
+        image = np.pad(image - mean, ((ph, pad_h - ph), (pw, pad_w - pw), (0, 0))) + mean
+    new_h, new_w, _ = image.shape
+    stride_h = stride_w = int(np.ceil(crop * stride_rate))
+    grid_h = int(np.ceil(float(new_h - crop) / stride_h) + 1)
+    grid_w = int(np.ceil(float(new_w - crop) / stride_w) + 1)
+    prediction = np.zeros((new_h, new_w, classes))
+    count = np.zeros((new_h, new_w))
+    for index_h in range(grid_h):
+        for index_w in range(grid_w):
+            s_h = index_h * stride_h
+            e_h = min(s_h + crop, new_h)
+            s_h = e_h - crop
+            s_w = index_w * stride_w
+            e_w = min(s_w + crop, new_w)
+            s_w = e_w - crop
+            x = torch.from_numpy(image[s_h:e_h, s_w:e_w].transpose(2, 0, 1).copy()).float()[None]
+            with torch.no_grad():
+                out = F.softmax(model(torch.cat([x, x.flip(3)])), 1)
+            out = ((out[0] + out[1].flip(2)) / 2).numpy().transpose(1, 2, 0)
+            count[s_h:e_h, s_w:e_w] += 1
+            prediction[s_h:e_h, s_w:e_w, :] += out
+    prediction /= np.expand_dims(count, 2)
+    return prediction[ph:ph + ori_h, pw:pw + ori_w]
+
+
+def test_sliding_inference_equals_apds_scale_process_with_a_spatial_model():
+    from gklcli.seg_data import MEAN_RGB
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 5, 3, padding=1)).eval()
+    mean = np.array(MEAN_RGB)
+    for h, w, base in ((30, 45, 40), (20, 14, 24)):
+        image = torch.rand(1, 3, h, w)
+        cfg = SimpleNamespace(eval_scales=[1.0], base_size=base, eval_mode="sliding", crop_size=17, stride_rate=2 / 3, eval_flip=True)
+        with torch.no_grad():
+            ours = predict(model, image, cfg)
+        long = base
+        nh, nw = (long, round(long / h * w)) if h > w else (round(long / w * h), long)
+        resized = F.interpolate(image, (nh, nw), mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
+        scores_ = torch.from_numpy(apd_scale_process(model, resized.astype(np.float64), 5, 17, 2 / 3, mean)).permute(2, 0, 1)[None]
+        ref = F.interpolate(scores_.float(), (h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+        agree = float((ours == ref).float().mean())
+        assert agree > 0.999, agree
+
+
 # ------------------------------------------------------------------------------------------- models
 
 
@@ -236,6 +279,7 @@ def test_apd_release_and_csail_backbone_files_load(tmp_path):
             csail[f"module.{inverse[f'layer0.{index}']}.{rest}"] = v
         elif head.startswith("layer"):
             csail[f"module.{k}"] = v
+    csail = {k: v for k, v in csail.items() if not k.endswith("num_batches_tracked")}  # files saved before PyTorch 0.4.1
     csail["module.fc.weight"] = torch.zeros(1000, 64)
     torch.save(csail, tmp_path / "resnet-imagenet.pth")
     fresh = create_model("pspnet-tiny", 8)
@@ -247,10 +291,21 @@ def test_apd_release_and_csail_backbone_files_load(tmp_path):
         load_backbone(fresh, tmp_path / "broken.pth")
 
 
+# key names of APD's PSPNet state dicts (model/pspnet.py: layer0 = conv1, bn1, relu, conv2, bn2, relu, conv3, bn3,
+# relu, maxpool; PPM features i = pool, conv, bn, relu; merge = conv, bn, relu, dropout; cls.0; aux = conv, bn,
+# relu, dropout, conv), written out here rather than taken from gkl's model
+APD_KEYS = ["layer0.0.weight", "layer0.1.running_mean", "layer0.3.weight", "layer0.4.bias", "layer0.6.weight", "layer0.7.weight",
+            "layer1.0.conv1.weight", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.running_var", "layer4.1.bn2.weight",
+            "ppm.features.0.1.weight", "ppm.features.3.2.running_var", "ppm.merge.0.weight", "ppm.merge.1.bias", "cls.0.weight",
+            "cls.0.bias", "aux.0.weight", "aux.1.running_mean", "aux.4.weight", "aux.4.bias"]
+
+
 def test_pspnet_r18_layout_is_apds():
     from gklcli.models import create_model
 
     m = create_model("pspnet-r18", 150)
+    assert set(APD_KEYS) <= set(m.state_dict())
+    assert not any(k.startswith(("conv1", "bn1", "fc", "layer0.2", "layer0.9")) for k in m.state_dict())
     assert m.layer0[0].out_channels == 64 and m.layer0[6].out_channels == 128  # deep stem 64, 64, 128
     assert m.layer3[0].conv1.dilation == (2, 2) and m.layer3[0].conv2.dilation == (1, 1)  # APD's key_conv 'conv1'
     assert m.layer4[1].conv1.dilation == (4, 4) and m.layer4[0].downsample[0].stride == (1, 1)
@@ -283,7 +338,31 @@ def test_poly_schedule_and_head_lr():
 # ------------------------------------------------------------------------------------------- data
 
 
+def test_blur_is_opencvs_sigma_zero_kernel_and_empty_crops_take_another_image(tmp_path):
+    from gklcli.seg_data import SegTrainView, blur5, open_split
+    from gklcli.train.seg import labelled_ce
+
+    delta = torch.zeros(3, 9, 9)
+    delta[:, 4, 4] = 1.0
+    taps = torch.tensor([1.0, 4, 6, 4, 1]) / 16
+    assert torch.allclose(blur5(delta)[0, 2:7, 2:7], taps[:, None] * taps[None, :])
+    root = tmp_path / "ade"
+    write_synthetic_ade20k(root, num_train=3, num_val=1, size=24, num_classes=6)
+    from PIL import Image
+
+    masks = sorted((root / "ADEChallengeData2016" / "annotations" / "training").iterdir())
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(masks[0])))).save(masks[0])  # all "other": nothing labelled
+    cfg = load_recipe(ROWS["ade20k_psp18_baseline"], _tiny(root)).seg
+    view = SegTrainView(open_split(cfg, root, "train", 6), cfg, seed=0)
+    for epoch in range(1, 6):
+        _, mask = view[(epoch, 0)]
+        assert bool((mask != IGNORE).any()) and mask.shape == (17, 17)
+    assert float(labelled_ce(torch.randn(1, 6, 4, 4), torch.full((1, 4, 4), IGNORE))) == 0.0
+
+
 def test_mask_values_are_checked_and_mapped():
+    with pytest.raises(GKLError, match=r"seg.crop_size: must be 8k \+ 1"):
+        load_recipe(ROWS["ade20k_psp18_baseline"], ["seg.crop_size=32"])
     raw = torch.tensor([[0, 1, 150]])
     assert check_labels(raw, 150, True, "m.png").tolist() == [[IGNORE, 0, 149]]
     with pytest.raises(GKLError, match=r"m.png: mask values \[151\] outside 0–150"):
@@ -365,6 +444,9 @@ def test_apd_gkl_trains_and_resumes_bit_exactly(tmp_path, ade, teacher_file):
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {"train_kd", "train_proto_kl", "train_proto_align", "train_teacher_ce", "val_miou"} <= set(records[-1])
     assert "kd_adapter.0.weight" in a["model"] and a["model_kwargs"] == {"adapter_dim": 8}
+    adam = step_a["teacher_optim"]
+    assert all(float(st["step"]) == 6 for st in adam["state"].values())  # one teacher-adapter step per training step
+    assert adam["param_groups"][0]["lr"] == 1e-5  # constant, as APD's (its poly update never runs)
     # the prior is the teacher's per-class mean softmax over its labelled output pixels (the mask by nearest)
     prior = step_a["term"]["prior"]["prior"]
     assert torch.allclose(prior.sum(1), torch.ones(6)) and not torch.allclose(prior, torch.full_like(prior, 1 / 6))

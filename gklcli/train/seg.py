@@ -122,17 +122,21 @@ def pretrained_path(recipe: Recipe, data_dir: Optional[str]) -> Path:
         raise GKLError(f"{str(error).split(';')[0]}{source}") from None
 
 
+# BatchNorm's step counter: absent from files saved before PyTorch 0.4.1 and read by nothing here (fixed momentum)
+OPTIONAL_BUFFER = "num_batches_tracked"
+
+
 def load_backbone(model: nn.Module, path: Path, what: str = "model.pretrained") -> None:
     """APD's ImageNet initialisation of layer0–layer4: every backbone tensor must come from the file."""
     state = backbone_state(strip_prefixes(extract_state_dict(load_file(path), path)))
     mine = {k: v for k, v in model.state_dict().items() if k.split(".")[0].startswith("layer")}
-    missing = [k for k in mine if k not in state]
+    missing = [k for k in mine if k not in state and not k.endswith(OPTIONAL_BUFFER)]
     wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
     if missing or wrong:
         detail = f"missing {', '.join(missing[:3])}" if missing else f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}"
         raise GKLError(f"{what}: {path} is not a deep-stem ImageNet ResNet of this depth ({detail}); APD reads CSAIL's "
                        f"{CSAIL_URL.format(name='resnet18')} (…resnet50/resnet101-imagenet.pth)")
-    model.load_state_dict({**model.state_dict(), **{k: state[k].to(mine[k].dtype) for k in mine}})
+    model.load_state_dict({**model.state_dict(), **{k: state[k].to(mine[k].dtype) for k in mine if k in state}})
 
 
 def load_segmentation_weights(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
@@ -141,7 +145,7 @@ def load_segmentation_weights(model: nn.Module, state: dict[str, Tensor], what: 
     state = strip_prefixes(state)
     mine = model.state_dict()
     optional = ("aux.", "kd_adapter.")
-    missing = [k for k in mine if k not in state and not k.startswith(optional)]
+    missing = [k for k in mine if k not in state and not k.startswith(optional) and not k.endswith(OPTIONAL_BUFFER)]
     unexpected = [k for k in state if k not in mine and not k.startswith(optional)]
     wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
     if missing or unexpected or wrong:
@@ -198,14 +202,22 @@ def _sum_over_ranks(t: Tensor) -> Tensor:
 
 
 def _average_grads(module: nn.Module) -> None:
-    """DDP's gradient averaging for the teacher adapter (APD wraps it in DDP; it trains outside the engine)."""
+    """DDP's gradient averaging for the teacher adapter (APD wraps it in DDP; it trains outside the engine).
+    Every rank runs the same collectives, whatever its batch held (a missing gradient counts as zero)."""
     if is_distributed():
         import torch.distributed as dist
 
         for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def labelled_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """nn.CrossEntropyLoss(ignore_index=255): the mean over labelled pixels (0, not NaN, when there are none)."""
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp_min(1)
 
 
 class SegStep:
@@ -242,10 +254,13 @@ class SegStep:
             return kd
         protos = prototype_terms(out.adapted.float(), self.teacher_adapter(teacher.features), labels, num_classes=c,
                                  temperature=self.seg.kmeans_temp, normalize=self.seg.kmeans_norm)
-        if protos.classes:  # APD trains the teacher adapter first, on its own loss, with its own Adam
-            self.teacher_optim.zero_grad(set_to_none=True)
-            protos.teacher_ce.backward()
-            _average_grads(self.teacher_adapter)
+        # APD trains the teacher adapter first, on its own loss, with its own Adam, and skips the step when the batch
+        # has no labelled pixel at the feature size; under DDP every rank runs the backward and the averaging (a rank
+        # without prototypes adds zeros) and all step unless no rank had any, so the collectives always pair up
+        self.teacher_optim.zero_grad(set_to_none=True)
+        protos.teacher_ce.backward()
+        _average_grads(self.teacher_adapter)
+        if _sum_over_ranks(torch.tensor([float(protos.classes)], device=self.ctx.env.device)).item() > 0:
             self.teacher_optim.step()
         metrics.update(proto_kl=protos.student_kl.detach(), proto_align=protos.align.detach(), teacher_ce=protos.teacher_ce.detach())
         return kd + self.seg.pred_kmeans_weight * protos.student_kl + self.seg.proto_align_weight * protos.align
@@ -265,8 +280,8 @@ class SegStep:
             out = ctx.model(images)
         size = tuple(labels.shape[1:])
         logits = upsample(out.logits.float(), size)
-        main = F.cross_entropy(logits, labels, ignore_index=IGNORE)
-        aux = F.cross_entropy(upsample(out.aux.float(), size), labels, ignore_index=IGNORE)
+        main = labelled_ce(logits, labels)
+        aux = labelled_ce(upsample(out.aux.float(), size), labels)
         loss = s.main_weight * main + s.aux_weight * aux
         metrics: dict[str, Any] = {"main": main.detach(), "aux": aux.detach()}
         if teacher is not None:
