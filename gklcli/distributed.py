@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -118,6 +118,15 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     if is_distributed():
         for buf in module.buffers():
             dist.broadcast(buf, 0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank ([obj] without DDP); a collective: all ranks call it."""
+    if not is_distributed():
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def barrier() -> None:

@@ -516,6 +516,9 @@ def test_two_process_ddp_ranks_agree_on_student_teacher_adapter_and_prior(tmp_pa
         for key, value in ranks[0][part].items():
             assert torch.equal(value, ranks[1][part][key]), (part, key)
     assert torch.equal(ranks[0]["prior"], ranks[1]["prior"])
+    # each rank's own RNG is in the checkpoint (they were seeded seed + rank), so a resume restores both
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]["rng_ranks"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])
 
 
 def test_fetch_teachers_seg_puts_apds_files_where_the_recipes_look(server, tmp_path, capsys):

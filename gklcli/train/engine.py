@@ -36,7 +36,7 @@ from gklcli import checkpoint as ckpt
 from gklcli.train.averaging import make_averager
 from gklcli.train.build import configure_determinism, make_optimizer
 from gklcli.distributed import (
-    DistEnv, all_equal, barrier, broadcast_buffers, broadcast_flag, device_name, init_distributed,
+    DistEnv, all_equal, barrier, broadcast_buffers, broadcast_flag, device_name, gather_objects, init_distributed,
 )
 from gklcli.train.logger import EpochProgress, MetricsLog, plot_curves
 from gklcli.train.meters import Meters
@@ -184,6 +184,8 @@ class Engine:
         }
 
     def _save_last(self, finished: bool = False) -> None:
+        # every rank's RNG (each was seeded with seed + rank: dropout, augmentation draws), gathered by all ranks
+        rngs = gather_objects(ckpt.rng_state())
         if not self.main:
             return
         state, weights = self._deploy_state()
@@ -196,7 +198,8 @@ class Engine:
                 "optimizer": self.optimizer.state_dict(),
                 "averager": self.averager.state_dict() if self.averager is not None else None,
                 "step": self.step.state_dict(),
-                "rng": ckpt.rng_state(),
+                "rng": rngs[0],
+                "rng_ranks": rngs,
                 "epoch": self.epoch,
                 "batch": self.batch,
                 "global_step": self.global_step,
@@ -225,7 +228,8 @@ class Engine:
         if self.averager is not None and ts["averager"] is not None:
             self.averager.load_state_dict(_to_device(ts["averager"], self.env.device))
         self.step.load_state_dict(ts["step"])
-        ckpt.set_rng_state(ts["rng"])
+        ranks = ts.get("rng_ranks") or [ts["rng"]]  # checkpoints before rng_ranks: rank 0's RNG for every rank
+        ckpt.set_rng_state(ranks[self.env.rank] if len(ranks) == self.env.world_size else ts["rng"])
         self.epoch, self.batch, self.global_step = ts["epoch"], ts["batch"], ts["global_step"]
         m = ts["meters"]
         self.meters = Meters(dict(m["sums"]), int(m["count"]), float(m["seconds"]), int(m.get("steps", 0)))
