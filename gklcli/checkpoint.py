@@ -93,10 +93,19 @@ def sha256_file(path: str | Path) -> str:
 
 
 def load_file(path: str | Path) -> Any:
-    """torch.load(weights_only=True) with one-line errors for missing, foreign or damaged files."""
+    """torch.load(weights_only=True), or the tensors of a .safetensors file, with one-line errors for missing,
+    foreign or damaged files (every reader of weights goes through here, whatever torch's own formats are)."""
     path = Path(path)
     if not path.is_file():
         raise GKLError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(path))
+        except Exception as error:  # SafetensorError, OSError: a damaged or foreign file
+            detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            raise GKLError(f"{path}: not a readable safetensors file ({detail})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types

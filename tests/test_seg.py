@@ -271,6 +271,11 @@ def test_apd_release_and_csail_backbone_files_load(tmp_path):
     recipe = SimpleNamespace(teacher=SimpleNamespace(arch="pspnet-tiny", checkpoint=str(tmp_path / "pspnet_tiny_release.pth")))
     teacher = load_seg_teacher(recipe, 8, torch.device("cpu"), None)
     assert torch.equal(teacher.cls[0].weight, donor.cls[0].weight) and not teacher.training
+    from safetensors.torch import save_file
+
+    save_file(donor.state_dict(), tmp_path / "teacher.safetensors")  # the Hub's format, read by gkl's own loader
+    recipe.teacher.checkpoint = str(tmp_path / "teacher.safetensors")
+    assert torch.equal(load_seg_teacher(recipe, 8, torch.device("cpu"), None).ppm.merge[0].weight, donor.ppm.merge[0].weight)
     inverse = {v: k for k, v in STEM_KEYS.items()}
     csail = {}
     for k, v in donor.state_dict().items():

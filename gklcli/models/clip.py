@@ -119,20 +119,12 @@ def load_weights(model: nn.Module, path: Path, arch: str) -> None:
 
     if not path.is_file():
         raise GKLError(f"{path}: weight file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as load_safetensors
-
-        try:
-            state = load_safetensors(str(path))
-        except Exception as error:  # SafetensorError, OSError: a damaged or foreign file
-            raise GKLError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:160] if str(error) else type(error).__name__})") from None
-    else:
-        obj = load_file(path)
-        if isinstance(obj, dict) and obj.get("format") == "gkl-checkpoint":
-            if obj.get("arch") != arch:
-                raise GKLError(f"{path}: a checkpoint of {obj.get('arch')}, not {arch}")
-            obj = obj["model"]
-        state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    obj = load_file(path)  # .safetensors too
+    if isinstance(obj, dict) and obj.get("format") == "gkl-checkpoint":
+        if obj.get("arch") != arch:
+            raise GKLError(f"{path}: a checkpoint of {obj.get('arch')}, not {arch}")
+        obj = obj["model"]
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GKLError(f"{path}: not a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -103,14 +103,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise GKLError(f"{path}: weight file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as load_safetensors
-
-        try:
-            return load_safetensors(str(path))
-        except Exception as error:  # SafetensorError, OSError: a damaged or foreign file
-            detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-            raise GKLError(f"{path}: not a readable safetensors file ({detail})") from None
     obj = load_file(path)
     for key in ("model", "state_dict", "module"):  # gkl checkpoints keep the weights under "model"
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
