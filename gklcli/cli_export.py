@@ -74,7 +74,7 @@ def export_hub_cmd(
     repo_id: str = typer.Option(..., "--repo-id", help="The Hub repository, OWNER/NAME."),
     out_dir: str = typer.Option(..., "--out", help="The folder to write (model.safetensors, config.json, README.md); must not exist."),
     results_file: Optional[str] = typer.Option(None, "--results", help="results.json from gkl eval-aa (the model card's accuracies)."),
-    push: bool = typer.Option(False, "--push", help="Upload the folder to the Hub (token: HF_TOKEN or `hf auth login`)."),
+    push: bool = typer.Option(False, "--push", help="Upload the folder to the Hub (token: HF_TOKEN, `hf auth login` or `huggingface-cli login`)."),
     private: bool = typer.Option(False, "--private", help="With --push: a new repository is private."),
     arch: Optional[str] = ARCH_OPT,
     num_classes: Optional[int] = CLASSES_OPT,

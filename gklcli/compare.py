@@ -71,8 +71,8 @@ def _evals(path: Path) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for results in sorted(path.glob("eval/*/results.json")):
         data = ckpt.read_json(results, "AutoAttack results")
-        if not isinstance(data, dict) or not isinstance(data.get("robust_acc"), (int, float)):
-            continue  # another evaluation's results
+        if not isinstance(data, dict) or not _number(data.get("robust_acc")) or not _number(data.get("n_ex", 0)):
+            continue  # another evaluation's results, or a hand-edited one: not comparable
         name = results.parent.name.split("-")[0]
         if name not in found or data.get("n_ex", 0) > found[name].get("n_ex", 0):
             found[name] = data

@@ -30,11 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from gklcli.datasets import facts
-from gklcli.errors import GKLError
+from gklcli.errors import GKLError, show
 from gklcli.names import MODEL_ID, check_name
 
 MODEL_ID_RULE = "a RobustBench model ID, e.g. Cui2023Decoupled_WRN-34-10"
-RESULT_KEYS = ("n_ex", "dataset", "clean_acc", "robust_acc", "version", "norm", "seed", "batch_size", "versions")
 from gklcli.loading import LoadedModel, load_strict
 from gklcli.checkpoint import atomic_save, atomic_write_bytes, atomic_write_text
 
@@ -313,14 +312,59 @@ def export(loaded: LoadedModel, *, model_id: str, dataset: str, threat_model: st
     return report
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_eps(value: Any) -> bool:
+    from gklcli.recipes import parse_number
+
+    return isinstance(value, str) and parse_number(value) is not None
+
+
+def _is_stages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(s, dict) and isinstance(s.get("attack"), str) and _is_number(s.get("robust_acc")) for s in value)
+
+
+# every results.json key an export reads: (required, is it well-formed, what a gkl results.json holds there)
+RESULT_CHECKS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "n_ex": (True, _is_int, "an integer"),
+    "dataset": (True, lambda v: isinstance(v, str), "a string"),
+    "clean_acc": (True, _is_number, "a number"),
+    "robust_acc": (True, _is_number, "a number"),
+    "eps": (True, _is_eps, "a string such as 8/255 or 0.5"),
+    "version": (True, lambda v: isinstance(v, str), "a string"),
+    "norm": (True, lambda v: isinstance(v, str), "a string"),
+    "seed": (True, _is_int, "an integer"),
+    "batch_size": (True, _is_int, "an integer"),
+    "versions": (True, lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                 "a mapping of package names to version strings"),
+    "guards": (False, lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "model_sha256": (False, lambda v: v is None or isinstance(v, str), "a hex string or null"),
+    "attacks": (False, lambda v: v is None or (isinstance(v, list) and all(isinstance(a, str) for a in v)),
+                "a list of attack names or null"),
+    "stages": (False, _is_stages, "a list of {attack, robust_acc} entries"),
+}
+RESULT_KEYS = tuple(k for k, (required, _, _) in RESULT_CHECKS.items() if required)
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
-    """A gkl eval-aa results.json, with every key the exports read."""
+    """A gkl eval-aa results.json with every key the exports read present (the optional ones may be absent) and of
+    the right type: checked here, once, so that a hand-edited file is one line rather than a crash mid-export."""
     from gklcli.checkpoint import read_json
 
     results = read_json(path, "--results")
     missing = [k for k in RESULT_KEYS if k not in results] if isinstance(results, dict) else ["all"]
     if missing:
         raise GKLError(f"--results {path}: not a gkl eval-aa results.json (missing {', '.join(missing)})")
+    for key, (_, valid, what) in RESULT_CHECKS.items():
+        if key in results and not valid(results[key]):
+            raise GKLError(f"--results {path}: {key} is {show(results[key])}; a gkl eval-aa results.json records it as {what}")
     return results
 
 

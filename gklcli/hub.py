@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import uuid
 from pathlib import Path
@@ -97,7 +98,7 @@ def _eval_results(config: dict[str, Any], results: dict[str, Any]) -> list[Any]:
               "dataset_type": _HUB_DATASETS.get(dataset, dataset), "dataset_name": _DISPLAY.get(dataset, dataset),
               "dataset_split": "test"}
     attack = {"eps": results["eps"], "norm": results["norm"], "version": results["version"], "n_ex": results["n_ex"],
-              "seed": results["seed"], "pyautoattack": results["versions"]["pyautoattack"]}
+              "seed": results["seed"], "pyautoattack": _version(results, "pyautoattack")}
     if results.get("attacks"):
         attack["attacks"] = list(results["attacks"])
     return [
@@ -109,16 +110,28 @@ def _eval_results(config: dict[str, Any], results: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _version(results: dict[str, Any], package: str) -> str:
+    """A package's version in results.json (`load_results` checked they are strings; older files may lack one)."""
+    return results["versions"].get(package, "unrecorded")
+
+
+def _guards(results: dict[str, Any]) -> str:
+    guards = results.get("guards")
+    return "unrecorded" if guards is None else "on" if guards else "OFF (--no-guards)"
+
+
 def _evaluation_section(results: Optional[dict[str, Any]]) -> list[str]:
+    """The card's Evaluation section, from a results.json `load_results` checked (optional keys may be absent)."""
     if results is None:
         return ["Not evaluated yet: run `gkl eval-aa` and export again with `--results results.json`."]
     r = results
     attacks = f" ({', '.join(r['attacks'])})" if r.get("attacks") else ""
+    sha = f"`{r['model_sha256']}`" if r.get("model_sha256") else "unrecorded"
     lines = [
         f"AutoAttack {r['version']}{attacks}, {r['norm']}, ε = {r['eps']}, through `gkl eval-aa` (the official "
-        f"pyautoattack {r['versions']['pyautoattack']}, torch {r['versions']['torch']}, gkl {r['versions']['gkl']}): the first "
+        f"pyautoattack {_version(r, 'pyautoattack')}, torch {_version(r, 'torch')}, gkl {_version(r, 'gkl')}): the first "
         f"{r['n_ex']} test images of {r['dataset']}, seed {r['seed']}, batch size {r['batch_size']}, guards "
-        f"{'on' if r['guards'] else 'OFF (--no-guards)'}; evaluated weights sha256 `{r['model_sha256']}`.",
+        f"{_guards(r)}; evaluated weights sha256 {sha}.",
         "",
         "| | accuracy (%) |",
         "|---|---:|",
@@ -127,6 +140,27 @@ def _evaluation_section(results: Optional[dict[str, Any]]) -> list[str]:
         f"| **AutoAttack** | **{r['robust_acc']:.2f}** |",
     ]
     return lines
+
+
+def eval_command(repo_id: str, config: dict[str, Any], results: Optional[dict[str, Any]]) -> str:
+    """The card's `gkl eval-aa` line, at the card's threat model, ε and AutoAttack version (eval-aa's defaults are
+    Linf, 8/255, standard: without them a reader would re-evaluate another setting)."""
+    words = ["gkl", "eval-aa", f"{HUB_SCHEME}{repo_id}", "--n-ex", "10000"]
+    if config["threat_model"]:
+        words += ["--eps", str(config["eps"])] + (["--norm", config["threat_model"]] if config["threat_model"] != "Linf" else [])
+    version = results["version"] if results else "standard"
+    if version != "standard":
+        words += ["--version", version] + (["--attacks", ",".join(results["attacks"])] if results.get("attacks") else [])
+    return " ".join(words)
+
+
+def card_tags(config: dict[str, Any]) -> list[str]:
+    """The Hub tags; `robustbench` only where RobustBench has a leaderboard gkl exports to (CIFAR-10/100, Linf)."""
+    tags = ["gkl", "image-classification", "pytorch", "safetensors"]
+    tags += ["adversarial-robustness"] if config["threat_model"] else []
+    tags += ["robustbench"] if config["threat_model"] == "Linf" and config["dataset"] in ("cifar10", "cifar100") else []
+    tags += ["knowledge-distillation"] if config["kind"] == "kd" else []
+    return tags
 
 
 def card_text(repo_id: str, config: dict[str, Any], results: Optional[dict[str, Any]], weights_sha256: str) -> str:
@@ -155,7 +189,7 @@ def card_text(repo_id: str, config: dict[str, Any], results: Optional[dict[str, 
         f"print(model(torch.rand(2, 3, {size}, {size})).argmax(1))  # predicted classes",
         "```",
         "",
-        f"AutoAttack it on the {dataset} test set (read from config.json): `gkl eval-aa hf://{repo_id} --n-ex 10000`.",
+        f"AutoAttack it on the {dataset} test set (read from config.json): `{eval_command(repo_id, config, results)}`.",
         "",
         "## Evaluation",
         "",
@@ -182,11 +216,8 @@ def model_card(repo_id: str, config: dict[str, Any], results: Optional[dict[str,
     from huggingface_hub import ModelCard, ModelCardData
 
     dataset = config["dataset"]
-    tags = ["gkl", "image-classification", "pytorch", "safetensors"]
-    tags += ["adversarial-robustness", "robustbench"] if config["threat_model"] else []
-    tags += ["knowledge-distillation"] if config["kind"] == "kd" else []
     data = ModelCardData(
-        license=license_id, library_name="gkl", tags=tags, pipeline_tag="image-classification",
+        license=license_id, library_name="gkl", tags=card_tags(config), pipeline_tag="image-classification",
         datasets=[_HUB_DATASETS[dataset]] if dataset in _HUB_DATASETS else None, metrics=["accuracy"],
         model_name=repo_id.split("/")[1], eval_results=_eval_results(config, results) if results else None,
     )
@@ -218,12 +249,13 @@ def _check_results(results: dict[str, Any], path: Path, config: dict[str, Any], 
 
 
 def hub_token() -> str:
-    """The Hub token (HF_TOKEN, or the one `hf auth login` stored), or one line saying how to give one."""
+    """The Hub token (HF_TOKEN, or the one `hf auth login` / `huggingface-cli login` stored), or one line saying how
+    to give one (both commands: huggingface_hub < 1.0 has only the second)."""
     from huggingface_hub import get_token
 
     token = get_token()
     if not token:
-        raise GKLError("--push: no Hugging Face token; set HF_TOKEN or run `hf auth login` (nothing was written)")
+        raise GKLError("--push: no Hugging Face token; set HF_TOKEN or run `hf auth login` or `huggingface-cli login` (nothing was written)")
     return token
 
 
@@ -288,5 +320,15 @@ def export_hub(ckpt: str, *, repo_id: str, out: str | Path, results_path: Option
         raise
     report = {"out": str(out), "weights_sha256": weights_sha256, "logit_max_diff": diff, "config": config}
     if push:
-        report["commit_url"] = push_folder(out, repo_id, private, token)
+        report["commit_url"] = _push_written(out, repo_id, private, token)
     return report
+
+
+def _push_written(out: Path, repo_id: str, private: bool, token: str) -> str:
+    """`push_folder` of the published folder; a failure says the folder is kept and how to upload it (a re-run of
+    export-hub would refuse the now non-empty --out)."""
+    try:
+        return push_folder(out, repo_id, private, token)
+    except GKLError as error:
+        upload = f"huggingface-cli upload {repo_id} {shlex.quote(str(out))} .{' --private' if private else ''}"
+        raise GKLError(f"{error}; {out} was written and verified: upload it with `{upload}`") from error

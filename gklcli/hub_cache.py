@@ -125,18 +125,56 @@ def download_weights(text: str) -> Path:
 # --------------------------------------------------------------------------- config.json
 
 
+MAX_IMAGE_SIZE = 4096  # config.json's image_size sizes verify_folder's probe batch: bounded, not a TB allocation
+_OPTIONAL_STR = (str, type(None))
+_CONFIG_KINDS: dict[str, Any] = {"arch": str, "num_classes": int, "image_size": int, "dataset": _OPTIONAL_STR,
+                                 "recipe": (dict, type(None)), "kind": _OPTIONAL_STR, "eps": _OPTIONAL_STR,
+                                 "threat_model": _OPTIONAL_STR, "recipe_hash": _OPTIONAL_STR}
+# what gkl reads of a recipe (the card, eval-aa's synthetic/digits test sets, analyze): (dotted key, type, required)
+_RECIPE_KEYS: tuple[tuple[str, Any, bool], ...] = (
+    ("data", dict, True), ("data.dataset", str, True), ("loss", dict, True), ("loss.name", str, True),
+    ("attack", dict, True), ("attack.eps", (int, float), True), ("data.num_workers", int, False),
+    ("data.synthetic", (dict, type(None)), False), ("data.digits", (dict, type(None)), False),
+    ("data.digits.image_size", (int, type(None)), False),
+    *((f"data.synthetic.{k}", int, False) for k in ("num_test", "num_classes", "image_size", "seed")),
+)
+
+
+_DESCRIBE = {int: "an integer", str: "a string", dict: "a mapping", _OPTIONAL_STR: "a string or null",
+             (dict, type(None)): "a mapping or null", (int, float): "a number", (int, type(None)): "an integer or null"}
+
+
+def _check_value(path: Path, key: str, value: Any, kind: Any, positive: bool = False) -> None:
+    """One key of config.json: its type (never a bool for a number); image sizes bounded, `positive` ones ≥ 1."""
+    sized = key.endswith("image_size") and isinstance(value, int)
+    bad = not isinstance(value, kind) or isinstance(value, bool) or (positive and value < 1)
+    if bad or (sized and not 1 <= value <= MAX_IMAGE_SIZE):
+        what = f"an integer from 1 to {MAX_IMAGE_SIZE}" if sized else "a positive integer" if positive else _DESCRIBE[kind]
+        raise GKLError(f"{path}: {key} is {show(value)}; a gkl config.json records it as {what}")
+
+
+def _check_recipe(path: Path, recipe: dict[str, Any]) -> None:
+    """The recipe sections gkl reads, so a hand-made config.json fails here rather than deep in export-hub or eval-aa."""
+    for dotted, kind, required in _RECIPE_KEYS:
+        parent: Any = recipe
+        *head, last = dotted.split(".")
+        for part in head:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or (last not in parent and not required):
+            continue  # an optional key, or one under an absent optional section
+        _check_value(path, f"recipe.{dotted}", parent.get(last), kind)
+
+
 def read_model_config(path: Path) -> Optional[dict[str, Any]]:
-    """gkl's config.json beside a safetensors file, checked key by key; None when there is none or it is
-    another library's (timm's, transformers')."""
+    """gkl's config.json beside a safetensors file, checked key by key (and the recipe's sections gkl reads); None
+    when there is none or it is another library's (timm's, transformers')."""
     if not path.is_file():
         return None
     config = read_json(path, "config.json")
     if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
         return None
-    kinds = {"arch": str, "num_classes": int, "image_size": int, "dataset": (str, type(None)), "recipe": (dict, type(None))}
-    for key, kind in kinds.items():
-        value = config.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-            raise GKLError(f"{path}: {key} is {show(value)}; a gkl config.json records it as "
-                           f"{'a positive integer' if kind is int else 'a string' if kind is str else 'a mapping or null'}")
+    for key, kind in _CONFIG_KINDS.items():
+        _check_value(path, key, config.get(key), kind, positive=kind is int)
+    if config["recipe"] is not None:
+        _check_recipe(path, config["recipe"])
     return config

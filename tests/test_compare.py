@@ -77,3 +77,15 @@ def test_bad_input_is_one_line_naming_the_path(two_runs, tmp_path, capsys, damag
 def test_a_run_given_twice_is_refused(two_runs, tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "compare", two_runs / "gamma04", two_runs / "gamma04", "--out", tmp_path / "c")
     assert code == 2 and "given twice" in stderr
+
+
+def test_compare_ignores_an_evaluation_with_a_non_numeric_n_ex(two_runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(two_runs / "gamma04", run)
+    for name, n_ex in (("best-aa", 32), ("best-edited", "many")):
+        (run / "eval" / name).mkdir(parents=True)
+        (run / "eval" / name / "results.json").write_text(json.dumps({"clean_acc": 50.0, "robust_acc": 25.0, "n_ex": n_ex}))
+    code, _, stderr = run_cli(capsys, "compare", run, two_runs / "gamma03", "--out", tmp_path / "c")
+    assert code == 0 and "Traceback" not in stderr, stderr
+    metrics = json.loads((tmp_path / "c" / "compare.json").read_text())["metrics"]
+    assert metrics["aa.best.robust_acc"]["run"] == 25.0

@@ -113,7 +113,8 @@ def test_model_card_parses_and_carries_the_eval_aa_numbers(source, exported):
     results = json.loads((source / "ev" / "results.json").read_text())
     card = ModelCard.load(exported / "README.md")
     assert card.data.license == "mit" and card.data.library_name == "gkl"
-    assert {"gkl", "adversarial-robustness", "robustbench", "image-classification"} <= set(card.data.tags)
+    assert {"gkl", "adversarial-robustness", "image-classification"} <= set(card.data.tags)
+    assert "robustbench" not in card.data.tags  # synthetic data: no RobustBench leaderboard
     found = {e.metric_name: e for e in card.data.eval_results}
     assert found["Clean accuracy"].metric_value == round(results["clean_acc"], 2)
     robust = found["AutoAttack robust accuracy"]
@@ -124,7 +125,18 @@ def test_model_card_parses_and_carries_the_eval_aa_numbers(source, exported):
     text = (exported / "README.md").read_text()
     recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
     assert recipe == torch.load(source / "last.pt", weights_only=True)["recipe"]
-    assert "guards on" in text and "the first 16 test images" in text and f"gkl eval-aa hf://{REPO}" in text
+    assert "guards on" in text and "the first 16 test images" in text
+    # the card's command re-evaluates at the card's ε and AutoAttack version, not eval-aa's defaults
+    assert f"`gkl eval-aa hf://{REPO} --n-ex 10000 --eps 2/255 --version custom --attacks apgd-ce`" in text
+
+
+@pytest.mark.parametrize("dataset, threat, robustbench", [("cifar10", "Linf", True), ("cifar100", "Linf", True),
+                                                          ("cifar10", "L2", False), ("imagenet", "Linf", False),
+                                                          ("cifar10", None, False)])
+def test_the_robustbench_tag_is_only_for_cifar_linf(dataset, threat, robustbench):
+    from gklcli.hub import card_tags
+
+    assert ("robustbench" in card_tags({"dataset": dataset, "threat_model": threat, "kind": "at"})) == robustbench
 
 
 def test_hf_spec_through_eval_aa_equals_the_checkpoint(source, hub_cache, tmp_path, capsys):
@@ -193,6 +205,7 @@ def test_push_without_a_token_or_a_reachable_hub_is_one_line(source, tmp_path, c
     args = ["export-hub", source / "last.pt", "--repo-id", REPO, "--push"]
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "a")
     assert code == 2 and "no Hugging Face token; set HF_TOKEN" in err and len(err.strip().splitlines()) == 1
+    assert "`hf auth login` or `huggingface-cli login`" in err  # huggingface_hub < 1.0 has only the second
     assert not (tmp_path / "a").exists()
     # a token, but no Hub at the endpoint (a closed local port): the folder is written, the upload is one line
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
@@ -200,6 +213,9 @@ def test_push_without_a_token_or_a_reachable_hub_is_one_line(source, tmp_path, c
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "b", "--private")
     assert code == 2 and f"--push {REPO}: the Hub cannot be reached" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "b" / "model.safetensors").is_file()
+    # a re-run would refuse the kept folder: the line says it was verified and how to upload it
+    assert f"{tmp_path / 'b'} was written and verified" in err
+    assert f"`huggingface-cli upload {REPO} {tmp_path / 'b'} . --private`" in err
     code, _, err = run_cli(capsys, "export-hub", source / "last.pt", "--repo-id", REPO, "--out", tmp_path / "c", "--private")
     assert code == 2 and "--private goes with --push" in err
 
@@ -252,3 +268,66 @@ def test_malformed_hub_specs_are_one_line(text):
 
     with pytest.raises(GKLError, match="not a Hub model; use hf://OWNER/NAME"):
         parse_hub_spec(text)
+
+
+def _break(data, change):
+    """`change` applied to a copy of `data`: ("del", dotted key) or (dotted key, value)."""
+    data = json.loads(json.dumps(data))
+    *head, last = change[1 if change[0] == "del" else 0].split(".")
+    parent = data
+    for part in head:
+        parent = parent[part]
+    if change[0] == "del":
+        del parent[last]
+    else:
+        parent[last] = change[1]
+    return data
+
+
+def _one_line_refusal(err):
+    return "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("change, says", [
+    (("del", "eps"), "missing eps"), (("del", "versions"), "missing versions"), (("versions", "x"), "versions is 'x'"),
+    (("clean_acc", "35"), "clean_acc is '35'"), (("attacks", 5), "attacks is 5"), (("n_ex", True), "n_ex is True"),
+    (("eps", "eight"), "eps is 'eight'"), (("stages", [{"attack": "apgd-ce"}]), "stages is"),
+    (("guards", "yes"), "guards is 'yes'"),
+])
+def test_malformed_results_are_one_line(source, tmp_path, capsys, change, says):
+    results = json.loads((source / "ev" / "results.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps(_break(results, change)))
+    code, _, err = run_cli(capsys, "export-hub", source / "last.pt", "--repo-id", REPO, "--out", tmp_path / "out",
+                           "--results", tmp_path / "r.json")
+    assert code == 2 and _one_line_refusal(err) and f"--results {tmp_path / 'r.json'}: " in err and says in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change", [("del", "guards"), ("del", "model_sha256"), ("del", "attacks"), ("del", "stages"),
+                                    ("del", "versions.torch"), ("del", "versions.pyautoattack")])
+def test_results_without_optional_keys_export(source, tmp_path, capsys, change):
+    results = json.loads((source / "ev" / "results.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps(_break(results, change)))
+    code, _, err = run_cli(capsys, "export-hub", source / "last.pt", "--repo-id", REPO, "--out", tmp_path / "out",
+                           "--results", tmp_path / "r.json")
+    assert code == 0, err
+    assert "unrecorded" in (tmp_path / "out" / "README.md").read_text() or change[1] in ("attacks", "stages")
+
+
+@pytest.mark.parametrize("change, says", [
+    (("recipe.data", 5), "recipe.data is 5"), (("del", "recipe.loss"), "recipe.loss is None"),
+    (("recipe.data.synthetic", 5), "recipe.data.synthetic is 5"), (("recipe.attack.eps", "8/255"), "recipe.attack.eps"),
+    (("image_size", 200000), "image_size is 200000; a gkl config.json records it as an integer from 1 to 4096"),
+    (("kind", 3), "kind is 3"), (("eps", 0.03), "eps is 0.03"), (("threat_model", []), "threat_model is []"),
+    (("recipe_hash", 1), "recipe_hash is 1"),
+])
+def test_malformed_config_json_is_one_line(exported, tmp_path, capsys, change, says):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((exported / "model.safetensors").read_bytes())
+    config = json.loads((exported / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(_break(config, change)))
+    for args in (["export-hub", folder / "model.safetensors", "--repo-id", REPO, "--out", tmp_path / "out"],
+                 ["eval-aa", folder / "model.safetensors", "--out", tmp_path / "ev", *AA]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and _one_line_refusal(err) and f"config.json: {says}" in err, err
