@@ -90,6 +90,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A tensor (a confusion matrix) summed over ranks in place; itself in a single process."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank (stop requests, non-finite losses)."""
     if not is_distributed():

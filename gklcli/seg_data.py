@@ -107,12 +107,21 @@ def read_pair(source: SegSource, index: int) -> tuple[Tensor, Tensor]:
     """(image 3×H×W float in [0, 1], mask H×W int64 with classes 0…C−1 and IGNORE), checked."""
     from PIL import Image
 
-    image_path, mask_path = source.pairs[index]
+    image_path = source.pairs[index][0]
     try:
         with Image.open(image_path) as im:
             image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
     except (OSError, ValueError) as error:
         raise GKLError(f"{image_path}: unreadable image ({error})") from None
+    return image.permute(2, 0, 1).float().div_(255), read_mask(source, index, tuple(image.shape[:2]))
+
+
+def read_mask(source: SegSource, index: int, image_hw: tuple[int, int]) -> Tensor:
+    """Pair `index`'s mask in training labels, refused in one line when unreadable, not one channel, not of
+    its image's size (H, W) or holding values outside the class range."""
+    from PIL import Image
+
+    image_path, mask_path = source.pairs[index]
     try:
         with Image.open(mask_path) as im:
             raw = np.asarray(im)
@@ -120,11 +129,9 @@ def read_pair(source: SegSource, index: int) -> tuple[Tensor, Tensor]:
         raise GKLError(f"{mask_path}: unreadable mask ({error})") from None
     if raw.ndim != 2:
         raise GKLError(f"{mask_path}: a mask must be a single-channel PNG of class indices, got shape {raw.shape}")
-    if raw.shape != tuple(image.shape[:2]):
-        raise GKLError(f"{mask_path}: mask {raw.shape[1]}×{raw.shape[0]} ≠ image {image.shape[1]}×{image.shape[0]} ({image_path.name})")
-    mask = torch.from_numpy(raw.astype(np.int64))
-    mask = check_labels(mask, source.num_classes, source.reduce_zero_label, mask_path)
-    return image.permute(2, 0, 1).float().div_(255), mask
+    if raw.shape != tuple(image_hw):
+        raise GKLError(f"{mask_path}: mask {raw.shape[1]}×{raw.shape[0]} ≠ image {image_hw[1]}×{image_hw[0]} ({image_path.name})")
+    return check_labels(torch.from_numpy(raw.astype(np.int64)), source.num_classes, source.reduce_zero_label, mask_path)
 
 
 def check_labels(mask: Tensor, num_classes: int, reduce_zero_label: bool, path: Any) -> Tensor:
@@ -303,16 +310,10 @@ def check_ade20k(root: Path, *, expected: Optional[dict[str, int]] = None) -> li
     rows, problems = [], []
     for split in ("train", "val"):
         source = open_split(cfg, root, split, 150)
-        for image_path, mask_path in source.pairs:
-            with Image.open(image_path) as im:
-                size = im.size
-            with Image.open(mask_path) as im:
-                if im.size != size:
-                    raise GKLError(f"{mask_path}: mask {im.size[0]}×{im.size[1]} ≠ image {size[0]}×{size[1]} ({image_path.name})")
-                mask = np.asarray(im)
-            if mask.ndim != 2:
-                raise GKLError(f"{mask_path}: a mask must be a single-channel PNG of class indices, got shape {mask.shape}")
-            check_labels(torch.from_numpy(mask.astype(np.int64)), 150, True, mask_path)
+        for index, (image_path, _) in enumerate(source.pairs):
+            with Image.open(image_path) as im:  # the header only: no image is decoded
+                width, height = im.size
+            read_mask(source, index, (height, width))
         rows.append((split, len(source), sizes[split]))
         if len(source) != sizes[split]:
             problems.append(f"{SPLITS[split]}: {len(source):,} pairs, expected {sizes[split]:,}")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gklcli.distributed import all_reduce_sum, sum_over_ranks
 from gklcli.seg_data import IGNORE, MEAN_RGB
 
 
@@ -104,7 +105,7 @@ def predict(model: nn.Module, image: Tensor, cfg: Any) -> Tensor:
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], cfg: Any, num_classes: int,
-                          device: torch.device, autocast: Callable[[], Any], all_reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
+                          device: torch.device, autocast: Callable[[], Any]) -> dict[str, float]:
     """mIoU etc. of `model` (eval mode) over (image, mask) pairs, the confusion matrix summed over ranks."""
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
@@ -114,6 +115,5 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable[tuple[Tensor, Tens
             pred = predict(model, image.to(device), cfg)
         matrix += confusion(pred, mask[0].to(device), num_classes)
         images += 1
-    matrix = all_reduce(matrix)
-    counted = all_reduce(torch.tensor([images], device=device))
-    return scores(matrix) | {"images": float(counted.item())}
+    counted = all_reduce_sum([float(images)], device)[0]
+    return scores(sum_over_ranks(matrix)) | {"images": counted}

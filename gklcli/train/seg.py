@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gklcli.checkpoint import load_file
-from gklcli.distributed import DistEnv, is_distributed
+from gklcli.distributed import DistEnv, all_reduce_sum, is_distributed
 from gklcli.errors import GKLError
 from gklcli.loading import extract_state_dict, strip_prefixes
 from gklcli.losses import LossTerm, get_loss
@@ -126,33 +126,43 @@ def pretrained_path(recipe: Recipe, data_dir: Optional[str]) -> Path:
 OPTIONAL_BUFFER = "num_batches_tracked"
 
 
+def _misfit(mine: dict[str, Tensor], state: dict[str, Tensor], optional: tuple[str, ...], unexpected: bool) -> list[str]:
+    """What keeps `state` from filling `mine`: missing keys (bar `optional` prefixes and the BatchNorm counter),
+    unexpected ones (when asked), the first shape that differs; empty when it fits."""
+    def spare(key: str) -> bool:
+        return key.startswith(optional) or key.endswith(OPTIONAL_BUFFER)
+
+    missing = [k for k in mine if k not in state and not spare(k)]
+    extra = [k for k in state if k not in mine and not spare(k)] if unexpected else []
+    wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
+    return [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(extra[:3])}" if extra else "",
+            f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}" if wrong else ""]
+
+
+def _fill(model: nn.Module, state: dict[str, Tensor], keys: Any) -> None:
+    mine = model.state_dict()
+    model.load_state_dict({**mine, **{k: state[k].to(mine[k].dtype) for k in keys if k in state}})
+
+
 def load_backbone(model: nn.Module, path: Path, what: str = "model.pretrained") -> None:
     """APD's ImageNet initialisation of layer0–layer4: every backbone tensor must come from the file."""
     state = backbone_state(strip_prefixes(extract_state_dict(load_file(path), path)))
     mine = {k: v for k, v in model.state_dict().items() if k.split(".")[0].startswith("layer")}
-    missing = [k for k in mine if k not in state and not k.endswith(OPTIONAL_BUFFER)]
-    wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
-    if missing or wrong:
-        detail = f"missing {', '.join(missing[:3])}" if missing else f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}"
-        raise GKLError(f"{what}: {path} is not a deep-stem ImageNet ResNet of this depth ({detail}); APD reads CSAIL's "
+    problems = [p for p in _misfit(mine, state, (), unexpected=False) if p]
+    if problems:
+        raise GKLError(f"{what}: {path} is not a deep-stem ImageNet ResNet of this depth ({problems[0]}); APD reads CSAIL's "
                        f"{CSAIL_URL.format(name='resnet18')} (…resnet50/resnet101-imagenet.pth)")
-    model.load_state_dict({**model.state_dict(), **{k: state[k].to(mine[k].dtype) for k in mine if k in state}})
+    _fill(model, state, mine)
 
 
 def load_segmentation_weights(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """A whole PSPNet's weights (APD's release or a gkl run). A teacher file without the auxiliary head or
     adapter loads too: a teacher uses neither."""
     state = strip_prefixes(state)
-    mine = model.state_dict()
-    optional = ("aux.", "kd_adapter.")
-    missing = [k for k in mine if k not in state and not k.startswith(optional) and not k.endswith(OPTIONAL_BUFFER)]
-    unexpected = [k for k in state if k not in mine and not k.startswith(optional)]
-    wrong = [k for k in mine if k in state and state[k].shape != mine[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-                 f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} ≠ {tuple(mine[wrong[0]].shape)}" if wrong else ""]
-        raise GKLError(f"{what}: the weights do not fit {type(model).__name__} ({'; '.join(p for p in parts if p)})")
-    model.load_state_dict({**mine, **{k: state[k].to(mine[k].dtype) for k in mine if k in state}})
+    problems = [p for p in _misfit(model.state_dict(), state, ("aux.", "kd_adapter."), unexpected=True) if p]
+    if problems:
+        raise GKLError(f"{what}: the weights do not fit {type(model).__name__} ({'; '.join(problems)})")
+    _fill(model, state, model.state_dict())
 
 
 def check_inputs(recipe: Recipe, data_dir: Optional[str], teacher_only: bool = False) -> None:
@@ -191,14 +201,6 @@ def _sync_from_rank0(module: nn.Module) -> None:
 
         for p in module.parameters():
             dist.broadcast(p.data, 0)
-
-
-def _sum_over_ranks(t: Tensor) -> Tensor:
-    if is_distributed():
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
 
 
 def _average_grads(module: nn.Module) -> None:
@@ -260,7 +262,7 @@ class SegStep:
         self.teacher_optim.zero_grad(set_to_none=True)
         protos.teacher_ce.backward()
         _average_grads(self.teacher_adapter)
-        if _sum_over_ranks(torch.tensor([float(protos.classes)], device=self.ctx.env.device)).item() > 0:
+        if all_reduce_sum([float(protos.classes)], self.ctx.env.device)[0] > 0:
             self.teacher_optim.step()
         metrics.update(proto_kl=protos.student_kl.detach(), proto_align=protos.align.detach(), teacher_ce=protos.teacher_ce.detach())
         return kd + self.seg.pred_kmeans_weight * protos.student_kl + self.seg.proto_align_weight * protos.align
@@ -295,8 +297,7 @@ class SegStep:
         self.term.end_epoch()
 
     def evaluate(self, model: nn.Module, loader: Any, prefix: str) -> dict[str, float]:
-        result = evaluate_segmentation(model, loader, self.seg, self.ctx.num_classes, self.ctx.env.device, self.ctx.autocast,
-                                       _sum_over_ranks)
+        result = evaluate_segmentation(model, loader, self.seg, self.ctx.num_classes, self.ctx.env.device, self.ctx.autocast)
         return {f"{prefix}_{k}": v for k, v in result.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -335,7 +336,7 @@ def seg_teacher_report(recipe: Recipe, *, data_dir: Optional[str], device: Optio
     source = open_split(s, data_root(recipe, data_dir), "val", s.num_classes)
     teacher = load_seg_teacher(recipe, s.num_classes, dev, data_dir)
     batches = worker_errors(eval_batches(source, recipe.eval.n_test, 0, 1, recipe.data.num_workers))
-    result = evaluate_segmentation(teacher, batches, s, s.num_classes, dev, contextlib.nullcontext, _sum_over_ranks)
+    result = evaluate_segmentation(teacher, batches, s, s.num_classes, dev, contextlib.nullcontext)
     return {"teacher": recipe.teacher.arch, "checkpoint": recipe.teacher.checkpoint} | {f"test_{k}": v for k, v in result.items()}
 
 
