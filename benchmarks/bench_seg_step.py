@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _report import report
+from _report import interleaved, report
 
 from gklcli.losses import LossTerm
 from gklcli.models import create_model
@@ -34,11 +33,6 @@ from gklcli.train.seg import SegStep, SegWorkload, load_seg_teacher, uses_teache
 
 ROWS = (("APD (KL)", "seg/ade20k_psp101_psp18_apd"), ("APD+GKL", "seg/ade20k_psp101_psp18_apd_gkl"),
         ("no KD", "seg/ade20k_psp18_baseline"))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def saved_bytes(name: str, recipe, pixels: int, classes: int, device: torch.device) -> int:
@@ -91,20 +85,8 @@ def main() -> None:
             engine.module.load_state_dict(first.module.state_dict(), strict=engine.module.kd_adapter is not None)  # no KD: no adapter
         batch = next(iter(first._train_loader(1, 0)))
         device = first.env.device
-        times: dict[str, list[float]] = {name: [] for name in engines}
-        peaks: dict[str, int] = {}
-        for round_ in range(args.warmup + args.rounds):
-            for name, engine in engines.items():
-                _sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                engine.train_step(batch, 1, 1e-5)
-                _sync(device)
-                if round_ >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-                if device.type == "cuda":
-                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+        times, peaks = interleaved({name: lambda e=engine: e.train_step(batch, 1, 1e-5) for name, engine in engines.items()},
+                                   args.rounds, args.warmup, device)
         pixels = args.batch * args.size * args.size
         saved = {name: saved_bytes(engine.recipe.loss.name, engine.recipe, pixels, args.classes, device)
                  for name, engine in engines.items() if name != "no KD"}

@@ -26,12 +26,11 @@ import argparse
 import copy
 import statistics
 import tempfile
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _report import report
+from _report import interleaved, report
 
 from gklcli.attacks import epoch_attack
 from gklcli.losses import ClassPrior, gkl_loss
@@ -63,11 +62,6 @@ def make_engine(loss: list[str], args: argparse.Namespace, out: str) -> Engine:
     ]
     recipe = load_recipe(RECIPES_DIR / "cifar100_basic.yaml", overrides)
     return Engine(recipe, AdversarialStep, out_dir=out, quiet=True, device=args.device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class OfficialStep:
@@ -181,20 +175,8 @@ def main() -> None:
             steps["official"] = lambda: official(batch, 0.1)
         steps = {k: steps[k] for k in wanted}
         device = gkl.env.device
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        peak: dict[str, float] = {name: 0.0 for name in steps}
-        for round_ in range(args.warmup + args.rounds):
-            for name, step in steps.items():
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                step()
-                sync(device)
-                if round_ >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-                if device.type == "cuda":
-                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
+        times, peak_bytes = interleaved(steps, args.rounds, args.warmup, device)
+        peak = {name: value / 2**30 for name, value in peak_bytes.items()}
     medians = {name: statistics.median(values) for name, values in times.items()}
     rows = []
     for name, median in medians.items():
